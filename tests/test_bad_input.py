@@ -1,0 +1,65 @@
+"""Bad input: a one-line error naming file, record and reason, exit code 1, no partial output."""
+
+import pytest
+
+from virnuc_ds.cli import main
+
+GOOD = ">a\nACGTACGTAAATTTGGG\n>b desc\nACGTTTT\n"
+
+
+def run_prepare(tmp_path, capsys, text=None, path=None, out=None):
+    if path is None:
+        path = tmp_path / "in.fa"
+        path.write_text(text)
+    out = out or tmp_path / "out"
+    code = main(["prepare", "-i", str(path), "-m", "300", "-o", str(out), "-w", "1"])
+    err = capsys.readouterr().err.strip()
+    return code, err, out
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "contains no FASTA records"),
+        ("\n\n", "contains no FASTA records"),
+        ("hello world\nACGT\n", "line 1 comes before any '>' header: not a FASTA file"),
+        (">a\nACGT\n>a\nACGT\n", "record 'a': duplicate record id"),
+        (">a\nACGT\n>b\nACGTXEACGT\n", "record 'b': character 'X' at position 5 is not a nucleotide code"),
+        (">a\nACGT\n>b\n\n>c\nAC\n", "record 'b': empty sequence"),
+        (">a\nACG1T\n", "record 'a': character '1' at position 4"),
+    ],
+)
+def test_bad_fasta(tmp_path, capsys, text, expected):
+    code, err, out = run_prepare(tmp_path, capsys, text)
+    assert code == 1
+    assert len(err.splitlines()) == 1, err
+    assert str(tmp_path / "in.fa") in err and expected in err
+    assert not any(out.glob("*")), "no partial output may be left"
+
+
+def test_missing_file(tmp_path, capsys):
+    code, err, _ = run_prepare(tmp_path, capsys, path=tmp_path / "nope.fa")
+    assert code == 1 and "nope.fa: file not found" in err and len(err.splitlines()) == 1
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err, _ = run_prepare(tmp_path, capsys, GOOD, out=blocker / "sub")
+    assert code == 1 and "output folder is not writable" in err and len(err.splitlines()) == 1
+
+
+def test_classify_missing_inputs(tmp_path, capsys):
+    code = main(["classify", "-e", str(tmp_path / "none.h5"), "-p", str(tmp_path / "m.pth"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "none.h5: file not found" in err
+    assert not (tmp_path / "o" / "prediction_results.txt").exists()
+
+
+def test_import_legacy_of_a_non_torch_file(tmp_path, capsys):
+    bad = tmp_path / "x_DNABERT_S.pt"
+    bad.write_text("hello")
+    code = main(["import-legacy", "--dnabert", str(bad), "--esm", str(bad), "-o", str(tmp_path / "e.h5")])
+    err = capsys.readouterr().err
+    assert code == 1 and "x_DNABERT_S.pt: not a readable torch file" in err
+    assert not (tmp_path / "e.h5").exists()

@@ -1,0 +1,86 @@
+"""import-legacy + classify against the original's outputs, and the classifier checkpoint formats."""
+
+import numpy as np
+import pytest
+import torch
+
+from virnuc_ds.classify.mlp import MLPClassifier, load_classifier, save_original_style
+from virnuc_ds.cli import main
+from virnuc_ds.errors import InputError
+from virnuc_ds.store.embeddings import read_embeddings
+from virnuc_ds.store.legacy import read_legacy_merged
+
+
+def parse_results(path):
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return rows[0], rows[1:]
+
+
+@pytest.fixture()
+def classified(golden, tmp_path):
+    p = golden / "predict"
+    emb = tmp_path / "e.h5"
+    assert main(["import-legacy", "--dnabert", str(p / "output_1_DNABERT_S.pt"), "--esm", str(p / "output_1_ESM.pt"), "-o", str(emb)]) == 0
+    assert main(["classify", "-e", str(emb), "-p", str(p / "model.pth"), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    return tmp_path / "out"
+
+
+def test_highest_score_file_is_byte_identical(golden, classified):
+    name = "prediction_results_highestscore.csv"
+    assert (classified / name).read_bytes() == (golden / "predict" / name).read_bytes()
+
+
+def test_prediction_results_match_original(golden, classified):
+    name = "prediction_results.txt"
+    head, rows = parse_results(classified / name)
+    ghead, grows = parse_results(golden / "predict" / name)
+    assert head == ghead == ["Sequence_ID", "Prediction", "score1", "score2"]
+    assert [r[:2] for r in rows] == [r[:2] for r in grows]  # ids, order and labels identical
+    scores = np.array([[float(r[2]), float(r[3])] for r in rows])
+    gscores = np.array([[float(r[2]), float(r[3])] for r in grows])
+    # float32 softmax of a 3328-wide dot product: summation order (BLAS build, CPU vs GPU) moves
+    # the last bits only.
+    np.testing.assert_allclose(scores, gscores, rtol=0, atol=2e-6)
+    # each score is printed as Python prints a numpy float32 (shortest round-trip repr)
+    assert all(r[2] == str(np.float32(r[2])) and r[3] == str(np.float32(r[3])) for r in rows)
+
+
+def test_imported_store_equals_original_merged_file(golden, tmp_path):
+    p = golden / "predict"
+    main(["import-legacy", "--dnabert", str(p / "output_1_DNABERT_S.pt"), "--esm", str(p / "output_1_ESM.pt"), "-o", str(tmp_path / "a.h5")])
+    main(["import-legacy", "--merged", str(p / "output_1_merged.pt"), "-o", str(tmp_path / "b.h5")])
+    a, b = read_embeddings(tmp_path / "a.h5"), read_embeddings(tmp_path / "b.h5")
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.features(), b.features())
+    merged = read_legacy_merged(p / "output_1_merged.pt")
+    np.testing.assert_array_equal(a.features(), merged.features())
+
+
+def test_classifier_formats_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MLPClassifier(20, 8, 2).eval()
+    save_original_style(model, tmp_path / "whole.pth")
+    torch.save(model.state_dict(), tmp_path / "state.pth")
+    x = torch.randn(5, 20)
+    for name in ("whole.pth", "state.pth"):
+        loaded = load_classifier(tmp_path / name, expected_input_dim=20)
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_classifier_of_wrong_width_is_refused(golden, tmp_path):
+    with pytest.raises(InputError, match="takes 3328 features but the embeddings have 100"):
+        load_classifier(golden / "predict" / "model.pth", expected_input_dim=100)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a VirNucPro classifier checkpoint"):
+        load_classifier(tmp_path / "junk.pth")
+
+
+def test_classify_on_batches_larger_than_one_call(golden, tmp_path):
+    """Rows are processed in the original's 256-row batches: results do not depend on N."""
+    from virnuc_ds.classify.predict import predict_probabilities
+
+    model = load_classifier(golden / "predict" / "model.pth")
+    x = np.random.default_rng(0).standard_normal((700, 3328)).astype(np.float32)
+    whole = predict_probabilities(model, x)
+    parts = np.concatenate([predict_probabilities(model, x[:256]), predict_probabilities(model, x[256:512]), predict_probabilities(model, x[512:])])
+    np.testing.assert_array_equal(whole, parts)

@@ -1,0 +1,69 @@
+"""Atomic writes: a file is either complete under its final name or absent.
+
+Everything is written to a temporary file in the destination's folder, flushed, fsync'd and renamed
+over the final name (rename is atomic within one file system, including NFS and Lustre for files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path beside `final`; rename it to `final` when the block succeeds.
+
+    The temporary name starts with '.' and ends with '.tmp', so nothing reading the folder takes it
+    for a result. On an exception the temporary file is removed and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(final: str | os.PathLike, mode: str = "w", **kwargs):
+    """Open a temporary file for writing; it becomes `final` only if the block succeeds."""
+    with atomic_path(final) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete '.name.*.tmp' leftovers of writers killed mid-write; returns how many were removed."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed += 1
+    return removed

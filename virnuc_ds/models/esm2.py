@@ -1,0 +1,97 @@
+"""ESM-2 checkpoints: find a fair-esm `.pt` file and load it with fair-esm's own loader.
+
+Checkpoints are the files fair-esm downloads (`esm2_t36_3B_UR50D.pt` and friends), read from an
+explicit path or from the torch hub cache; nothing is ever downloaded. The contact-regression file
+next to a checkpoint is optional: the contact head is not used for embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+from esm.pretrained import load_model_and_alphabet_core
+
+from virnuc_ds.errors import ConfigError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIX = ".pt"
+REGRESSION_SUFFIX = "-contact-regression.pt"
+
+
+def torch_hub_checkpoint_dirs() -> list[Path]:
+    """Folders where torch hub (and so fair-esm) keeps downloaded checkpoints, in search order."""
+    dirs = []
+    if os.environ.get("TORCH_HOME"):
+        dirs.append(Path(os.environ["TORCH_HOME"]).expanduser() / "hub" / "checkpoints")
+    dirs.append(Path(torch.hub.get_dir()).expanduser() / "checkpoints")
+    dirs.append(Path("~/.cache/torch/hub/checkpoints").expanduser())
+    return list(dict.fromkeys(dirs))  # drop duplicates, keep order
+
+
+def resolve_esm2_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """The checkpoint file for an explicit path, or for a bare model name in the torch hub caches."""
+    given = str(path_or_name)
+    path = Path(given).expanduser()
+    if path.is_file():
+        return path
+    if os.sep in given or path.is_dir():  # an explicit path, and not a file
+        raise ModelNotFoundError(f"ESM-2 checkpoint {given!r}", [path])
+    has_suffix = given.endswith(CHECKPOINT_SUFFIX)
+    file_name = given if has_suffix else given + CHECKPOINT_SUFFIX
+    candidates = [folder / file_name for folder in torch_hub_checkpoint_dirs()]
+    if has_suffix:
+        candidates.insert(0, path)  # `esm2_....pt`: here first, then the caches
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(f"ESM-2 checkpoint {given!r}", candidates)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """torch.load a fair-esm file on CPU.
+
+    fair-esm stores its config as an argparse.Namespace, so that class is allowed in the safe
+    (weights_only) unpickler. A file needing anything else is loaded with the full unpickler, as
+    fair-esm itself always did: the user points us at a checkpoint they trust. Memory-mapped where
+    the file format allows, so ranks loading the same file share the page cache.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        log.warning("%s needs the full unpickler (%s); loading it as fair-esm does", path, error)
+        return _torch_load(path, weights_only=False)
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
+
+
+def load_esm2(path_or_name: str | os.PathLike):
+    """(model, alphabet) for an ESM-2 checkpoint of any size: fair-esm's ESM2, eval mode, fp32, CPU."""
+    path = resolve_esm2_checkpoint(path_or_name)
+    model_data = load_checkpoint_file(path)
+    if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
+        raise ConfigError(f"{path}: not an ESM-2 checkpoint (no 'cfg'/'model' entries)")
+    regression_path = path.with_name(path.stem + REGRESSION_SUFFIX)
+    regression_data = load_checkpoint_file(regression_path) if regression_path.is_file() else None
+
+    # fair-esm picks the ESM-2 builder by the name's prefix; a renamed file is still ESM-2.
+    model_name = path.stem if path.stem.startswith("esm2") else f"esm2_{path.stem}"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")  # head unused
+        model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
+    model = model.float().eval().requires_grad_(False)
+    return model, alphabet

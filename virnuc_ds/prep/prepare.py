@@ -1,0 +1,135 @@
+"""FASTA -> chunks -> six-frame ORFs, written as the original's three FASTA files.
+
+Outputs in the output folder (each written atomically: complete under its final name or absent):
+  chunked.fa                  the chunks ({id}_chunk_{k}), input letter case kept
+  identified_nucleotide.fa    the kept frames' nucleotide sequences
+  identified_protein.faa      the kept frames' proteins
+The input is streamed in blocks of records; blocks are translated in worker processes and written
+in input order, so the output is the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_path
+from ..errors import InputError
+from ..fasta import read_fasta
+from .chunking import chunk_sequence
+from .frames import translate_chunks
+
+log = logging.getLogger(__name__)
+
+CHUNKED_FASTA = "chunked.fa"
+NUCLEOTIDE_FASTA = "identified_nucleotide.fa"
+PROTEIN_FASTA = "identified_protein.faa"
+EXPECTED_LENGTHS = (300, 500)
+
+
+@dataclass
+class PrepareStats:
+    records: int = 0
+    bases: int = 0
+    chunks: int = 0
+    frames: int = 0
+
+
+def _process_block(args: tuple[list[tuple[str, str]], int]) -> tuple[str, str, str, int, int, int, int]:
+    """One block of input records -> (chunk FASTA text, nucleotide text, protein text, counts)."""
+    records, chunk_length = args
+    chunks = [c for rid, seq in records for c in chunk_sequence(rid, seq, chunk_length)]
+    frames = translate_chunks(chunks)
+    chunk_text = "".join(f">{cid}\n{seq}\n" for cid, seq in chunks)
+    nuc_text = "".join(f">{f.id}\n{f.nucleotide}\n" for f in frames)
+    prot_text = "".join(f">{f.id}\n{f.protein}\n" for f in frames)
+    n_bases = sum(len(s) for _, s in records)
+    return chunk_text, nuc_text, prot_text, len(records), len(chunks), len(frames), n_bases
+
+
+def _blocks(path: Path, block_bases: int, chunk_length: int):
+    block: list[tuple[str, str]] = []
+    size = 0
+    for rec in read_fasta(path, check_nucleotides=True):
+        block.append((rec.id, rec.sequence))
+        size += len(rec.sequence) + 64
+        if size >= block_bases:
+            yield block, chunk_length
+            block, size = [], 0
+    if block:
+        yield block, chunk_length
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare(
+    input_fasta: str | os.PathLike,
+    expected_length: int,
+    output_dir: str | os.PathLike,
+    *,
+    workers: int = 0,
+    block_bases: int = 4_000_000,
+    progress=None,
+) -> PrepareStats:
+    """Run chunking and six-frame translation; returns counts. Raises InputError on bad input.
+
+    workers: processes for translation (0 = all CPUs available to this process, 1 = in-process).
+    progress: optional callable(stats) called after each block.
+    """
+    if expected_length not in EXPECTED_LENGTHS:
+        raise InputError(input_fasta, f"expected length must be one of {EXPECTED_LENGTHS}, not {expected_length}")
+    input_fasta = Path(input_fasta)
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(out, f"output folder is not writable ({exc.strerror or exc})") from None
+
+    workers = workers or default_workers()
+    stats = PrepareStats()
+    blocks = _blocks(input_fasta, block_bases, expected_length)
+    with contextlib.ExitStack() as stack:
+        paths = [stack.enter_context(atomic_path(out / name)) for name in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)]
+        handles = [stack.enter_context(open(p, "w")) for p in paths]
+        pool = stack.enter_context(mp.get_context("fork").Pool(workers)) if workers > 1 else None
+
+        def write(result) -> None:
+            chunk_text, nuc_text, prot_text, n_records, n_chunks, n_frames, n_bases = result
+            for fh, text in zip(handles, (chunk_text, nuc_text, prot_text)):
+                fh.write(text)
+            stats.records += n_records
+            stats.chunks += n_chunks
+            stats.frames += n_frames
+            stats.bases += n_bases
+            if progress is not None:
+                progress(stats)
+
+        # Blocks are read here (so input errors surface in this process) and translated in the
+        # pool, a bounded number in flight; results are written in input order.
+        in_flight: collections.deque = collections.deque()
+        for block in blocks:
+            if pool is None:
+                write(_process_block(block))
+                continue
+            in_flight.append(pool.apply_async(_process_block, (block,)))
+            while len(in_flight) > 2 * workers:
+                write(in_flight.popleft().get())
+        while in_flight:
+            write(in_flight.popleft().get())
+        for fh in handles:
+            fh.close()
+    log.info("prepared %d chunks and %d frames from %s", stats.chunks, stats.frames, input_fasta)
+    return stats
