@@ -91,15 +91,20 @@ def summarise(cosine: np.ndarray, rel_l2: np.ndarray, lengths) -> dict:
 
 
 def run_accuracy(fp32_model, alphabet, fast: dict, sets=None, *, fp32_toks=8192,
-                 fast_toks=65536, tanh_sample=64, log=print) -> dict:
+                 fast_toks=65536, tanh_sample=64, reference_cache=None, log=print) -> dict:
     """fast: {configuration: encode(tokens) -> reps}. Returns {set: {config: summary}} plus the
-    per-protein arrays under '_per_protein'."""
+    per-protein arrays under '_per_protein'. reference_cache: a dict keeping the fp32 pooled
+    embeddings per set between calls on the same model and sets."""
     tokenizer = Tokenizer(alphabet)
     sets = accuracy_sets() if sets is None else sets
     results, per_protein = {}, {}
     for set_name, proteins in sets.items():
         lengths = [len(p) for p in proteins]
-        ref = pooled_embeddings(fair_esm_encoder(fp32_model), tokenizer, proteins, fp32_toks)
+        cache = {} if reference_cache is None else reference_cache
+        if set_name not in cache:
+            cache[set_name] = pooled_embeddings(fair_esm_encoder(fp32_model), tokenizer, proteins,
+                                                fp32_toks)
+        ref = cache[set_name]
         results[set_name], per_protein[set_name] = {}, {"length_aa": lengths}
         runs = {name: (encode, fast_toks, proteins) for name, encode in fast.items()}
         if tanh_sample:

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import esm2_accuracy  # noqa: E402
-from benchmarks.common import (ESM2_3B, WORKLOADS, Tokenizer, cosine_and_rel_l2,  # noqa: E402
+from benchmarks.common import (WORKLOADS, Tokenizer, cosine_and_rel_l2,  # noqa: E402
                                environment, esm2_flops, git_commit, make_workload,
                                matmul_peak_tflops, mean_over_residues, plan_batches, write_json)
 
@@ -228,7 +228,7 @@ def plot(summary: list[dict], path: Path):
     ax.set_xticks(np.arange(len(workloads)), workloads)
     ax.set_ylabel("tokens / s (one GPU)")
     first = esm[0]
-    ax.set_title(f"ESM-2 3B (random init) on one {first['gpu']}, commit {first['commit'][:10]}",
+    ax.set_title(f"{first['model']} on one {first['gpu']}, commit {first['commit'][:10]}",
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -248,6 +248,7 @@ def main(argv=None):
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-dnabert", action="store_true")
+    parser.add_argument("--no-sdpa", action="store_true", help="skip deepspeed-bf16-sdpa")
     parser.add_argument("--plot-only", type=Path, help="redraw the chart from a summary JSON")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -281,6 +282,16 @@ def main(argv=None):
         "eager-bf16": (esm2_accuracy.fair_esm_encoder(bf16), args.toks_per_batch, param_bytes(bf16)),
         "original-fp32": (esm2_accuracy.fair_esm_encoder(model), 2048, param_bytes(model)),
     }
+    if not args.no_sdpa:  # the same DeepSpeed layers with Triton rotary + torch SDPA attention
+        try:
+            sdpa = build_kernel_encoder(model, alphabet, dtype=torch.bfloat16,
+                                        max_tokens=args.toks_per_batch, attention="sdpa")
+            configs = {"deepspeed-bf16-sdpa": (sdpa, args.toks_per_batch,
+                                               sdpa.memory["weights_bytes"]
+                                               + kernels.memory["workspace_bytes"]), **configs}
+            log(f"sdpa encoder built: {json.dumps(sdpa.memory)}")
+        except Exception as error:  # noqa: BLE001 - an experiment must not stop the run
+            log(f"deepspeed-bf16-sdpa not built: {type(error).__name__}: {error}")
     tokenizer = Tokenizer(alphabet)
     name_of_model = "ESM-2 3B (random init)" if not args.small else "ESM-2 small (random init)"
     E, L = arch["embed_dim"], arch["num_layers"]
@@ -292,10 +303,17 @@ def main(argv=None):
             target = args.fp32_tokens if name == "original-fp32" else None
             repeats = args.repeat if workload == "chunk500" and target is None else 1
             runs = []
-            for _ in range(repeats):
-                metrics, pooled[name] = time_config(encode, tokenizer, proteins, toks,
-                                                    target_tokens=target)
-                runs.append(metrics)
+            try:
+                for _ in range(repeats):
+                    metrics, pooled[name] = time_config(encode, tokenizer, proteins, toks,
+                                                        target_tokens=target)
+                    runs.append(metrics)
+            except Exception as error:  # noqa: BLE001 - report it, keep the other configurations
+                if name in ("deepspeed-bf16", "eager-bf16", "original-fp32"):
+                    raise
+                log(f"{workload} {name} failed: {type(error).__name__}: {error}")
+                pooled.pop(name, None)
+                continue
             metrics = max(runs, key=lambda m: m["tokens_per_s"])
             metrics["repeats_tokens_per_s"] = [m["tokens_per_s"] for m in runs]
             done = np.array(sorted(pooled[name]))
@@ -312,14 +330,14 @@ def main(argv=None):
         # the fp32 subset also gives an accuracy check on the throughput runs themselves
         ref_idx = sorted(pooled["original-fp32"])
         ref = torch.stack([pooled["original-fp32"][i] for i in ref_idx])
-        for name in configs:
+        for name in pooled:
             test = torch.stack([pooled[name][i] for i in ref_idx])
             cosine, rel_l2 = cosine_and_rel_l2(test, ref)
             raw[f"{workload}/{name}"]["throughput_overlap_min_cosine"] = float(cosine.min())
             raw[f"{workload}/{name}"]["throughput_overlap_max_rel_l2"] = float(rel_l2.max())
         flops_per_token = esm2_flops([np.mean([len(p) + 2 for p in proteins])], L, E) / \
             np.mean([len(p) + 2 for p in proteins])
-        for name in configs:
+        for name in pooled:
             m = raw[f"{workload}/{name}"]
             records.append({
                 "model": name_of_model, "workload": workload, "configuration": name,
@@ -346,21 +364,23 @@ def main(argv=None):
                 "bf16_peak_tflops": peak, "runs": raw})
 
     if not args.no_profile and "chunk500" in args.workloads:
-        report = profile_kernels({"deepspeed-bf16": kernels,
-                                  "eager-bf16": configs["eager-bf16"][0]},
+        report = profile_kernels({name: configs[name][0] for name in configs
+                                  if name != "original-fp32"},
                                  tokenizer, make_workload("chunk500").proteins, args.out)
         write_json(args.out / "esm2_profile.json", report)
 
     if not args.no_accuracy:
-        fast = {"eager-bf16": configs["eager-bf16"][0], "deepspeed-bf16": kernels}
-        accuracy = esm2_accuracy.run_accuracy(model, alphabet, fast, log=log)
+        fast = {name: configs[name][0] for name in configs if name != "original-fp32"}
+        references = {}
+        accuracy = esm2_accuracy.run_accuracy(model, alphabet, fast, reference_cache=references,
+                                              log=log)
         try:  # the product's eager engine keeps fp32 rotary tables: measure that too
             from virnuc_ds.embed.esm2 import keep_rotary_tables_fp32
 
             keep_rotary_tables_fp32(bf16)
             extra = esm2_accuracy.run_accuracy(
                 model, alphabet, {"eager-bf16-rotary-fp32": configs["eager-bf16"][0]},
-                tanh_sample=0, log=log)
+                tanh_sample=0, reference_cache=references, log=log)
             for key, value in extra.items():
                 if key != "_per_protein":
                     accuracy[key].update(value)
@@ -372,11 +392,14 @@ def main(argv=None):
             if r["configuration"] == "original-fp32":
                 r["min_cosine_vs_fp32"], r["max_rel_l2_vs_fp32"] = 1.0, 0.0  # the reference
                 continue
-            s = accuracy[r["workload"]][r["configuration"]]
+            s = accuracy[r["workload"]].get(r["configuration"])
+            if s is None:
+                continue
             r["min_cosine_vs_fp32"], r["max_rel_l2_vs_fp32"] = s["min_cosine"], s["max_rel_l2"]
             r["accuracy_proteins"] = s["n"]
             if r["workload"] == "mixed":
-                r["min_cosine_vs_fp32_long1022"] = accuracy["long1022"][r["configuration"]]["min_cosine"]
+                r["min_cosine_vs_fp32_long1022"] = \
+                    accuracy["long1022"][r["configuration"]]["min_cosine"]
 
     if not args.no_dnabert:
         records += bench_dnabert(peak)

@@ -111,14 +111,21 @@ def _add_pipeline_commands(sub) -> None:
     commands.register(sub)
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """Log lines carry the global rank, so the interleaved output of many ranks stays readable."""
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s rank{rank} %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except VirnucError as exc:

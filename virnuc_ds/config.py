@@ -40,7 +40,7 @@ class Esm2Config:
     replace_with_kernel_inject: bool = True  # DeepSpeed inference kernels (GPU); false = fair-esm eager
     dtype: str = "auto"  # auto = bf16 on GPUs of compute capability >= 8.0, fp16 below, fp32 on CPU
     toks_per_batch: int = 65536  # padded tokens per batch; also sizes the kernel workspace
-    max_residues: int = 1022  # longer proteins are truncated (counted and reported)
+    max_residues: int = 1024  # longer proteins are truncated (counted and reported); the original pooled 1..1024
     fallback_to_eager: bool = False  # if the DeepSpeed op cannot be built, run eager instead of failing
 
 

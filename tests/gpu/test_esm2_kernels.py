@@ -143,6 +143,20 @@ class TestAgainstFairEsmFp32:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_sdpa_attention_variant_matches_fp32(small_esm2, encoder):
+    model, alphabet = small_esm2
+    sdpa = kernels.build_kernel_encoder(model, alphabet, dtype=torch.bfloat16, device="cuda",
+                                        max_tokens=8192, attention="sdpa")
+    proteins = random_proteins([1022, 300, 166, 120, 49, 5], seed=7)
+    tokens = tokens_of(alphabet, proteins)
+    got = pooled(sdpa(tokens.cuda()), proteins)
+    want = pooled(fp32_reps(model, tokens), proteins)
+    assert min_cosine(got, want) >= COSINE_GATE
+    assert min_cosine(got, pooled(encoder(tokens.cuda()), proteins)) >= COSINE_GATE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_head_size_16_is_refused(small_esm2):
     alphabet = small_esm2[1]
     tiny = esm.model.esm2.ESM2(num_layers=1, embed_dim=320, attention_heads=20, alphabet=alphabet)

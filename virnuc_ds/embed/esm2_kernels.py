@@ -46,6 +46,7 @@ import math
 import os
 import re
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -228,9 +229,10 @@ def inference_config(policy: ESM2LayerPolicy, dtype: torch.dtype):
         transposed_mode=False)
 
 
-def inject_layer(policy: ESM2LayerPolicy, dtype: torch.dtype):
+def inject_layer(policy: ESM2LayerPolicy, dtype: torch.dtype, attention: str = "deepspeed"):
     """A DeepSpeedTransformerInference on the current CUDA device holding copies of the layer's
-    weights (transposed to [in, out] as the kernels want them). The source layer is not touched."""
+    weights (transposed to [in, out] as the kernels want them). The source layer is not touched.
+    attention="sdpa" swaps the layer's attention core for sdpa_compute_attention."""
     from deepspeed.model_implementations.transformers.ds_transformer import (  # noqa: PLC0415
         DeepSpeedTransformerInference)
 
@@ -257,7 +259,70 @@ def inject_layer(policy: ESM2LayerPolicy, dtype: torch.dtype):
                 raise KernelUnavailableError(f"ESM-2 weight of shape {tuple(source.shape)} does not "
                                              f"fit the kernel parameter {tuple(param.shape)}")
             param.copy_(source)  # device and dtype conversion; strided read of the transpose
+    if attention == "sdpa":
+        module.attention.compute_attention = types.MethodType(sdpa_compute_attention,
+                                                              module.attention)
+    elif attention != "deepspeed":
+        raise ValueError(f"attention must be 'deepspeed' or 'sdpa', not {attention!r}")
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional attention: fused rotary (Triton) + torch SDPA instead of DeepSpeed's unfused attention
+# ---------------------------------------------------------------------------------------------
+
+_ROTARY_KERNEL = None
+
+
+def _rotary_kernel():
+    """A Triton kernel rotating q and k in place inside the qkv projection output [B*T, 3, H, D],
+    as fair-esm does (rotate_half, positions 0..T-1, theta 10000), in fp32."""
+    global _ROTARY_KERNEL
+    if _ROTARY_KERNEL is None:
+        import triton  # noqa: PLC0415
+        import triton.language as tl  # noqa: PLC0415
+
+        @triton.jit
+        def rotary_qk_(qkv, seq_len, H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr,
+                       LOG2_THETA: tl.constexpr):
+            row = tl.program_id(0)  # b * T + t
+            heads = tl.program_id(1) * HB + tl.arange(0, HB)  # [HB]
+            j = tl.arange(0, D // 2)  # [D/2]
+            inv_freq = tl.exp2(-(2.0 * j.to(tl.float32) / D) * LOG2_THETA)  # theta^(-2j/D)
+            angle = (row % seq_len).to(tl.float32) * inv_freq
+            cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
+            keep = (heads < H)[:, None]
+            for which in tl.static_range(2):  # q, then k
+                first = qkv + row.to(tl.int64) * 3 * H * D + which * H * D \
+                    + heads[:, None] * D + j[None, :]  # [HB, D/2]
+                x1 = tl.load(first, mask=keep).to(tl.float32)
+                x2 = tl.load(first + D // 2, mask=keep).to(tl.float32)
+                tl.store(first, (x1 * cos - x2 * sin).to(qkv.dtype.element_ty), mask=keep)
+                tl.store(first + D // 2, (x2 * cos + x1 * sin).to(qkv.dtype.element_ty), mask=keep)
+
+        _ROTARY_KERNEL = rotary_qk_
+    return _ROTARY_KERNEL
+
+
+def sdpa_compute_attention(self, qkv_out, input_mask, layer_past, alibi, is_prompt, token_idx,
+                           position_ids):
+    """Replaces DeepSpeedSelfAttention.compute_attention: rotary in place, then torch's
+    scaled_dot_product_attention (scale 1/sqrt(D)) with the additive key mask [B, T]."""
+    qkv = qkv_out[0] if isinstance(qkv_out, (list, tuple)) else qkv_out  # [B, T, 3E]
+    B, T, three_e = qkv.shape
+    H = self.num_attention_heads_per_partition
+    D = three_e // (3 * H)
+    heads_per_block = 8
+    _rotary_kernel()[(B * T, triton_cdiv(H, heads_per_block))](
+        qkv, T, H=H, D=D, HB=heads_per_block, LOG2_THETA=math.log2(self.config.rope_theta))
+    q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, D]
+    mask = None if input_mask is None else input_mask[:, None, None, :]  # [B, 1, 1, T]
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+    return context.transpose(1, 2).reshape(B, T, H * D).contiguous(), k, v
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,22 +371,24 @@ class KernelWorkspace:
             sizes[(rows, length)] = workspace_elements(rows, length, self.hidden, self.heads)
         self.reserve_shape = max(sizes, key=sizes.get)  # (rows, T) of the largest layout
         self.reserved_bytes = sizes[self.reserve_shape] * elem_size
-        self._last_request = 0
-        self.reallocations = 0
+
+    # DeepSpeed's InferenceContext is one per process: so is what it last laid out
+    _last_request = 0
+    reallocations = 0  # requests larger than the one before: DeepSpeed freed and re-malloced
 
     def _layout(self, rows: int, length: int) -> None:
         request = workspace_elements(rows, length, self.hidden, self.heads) * self.elem_size
         if request > self.reserved_bytes:
             raise ValueError(f"batch of {rows} x {length} tokens is larger than the workspace was "
                              f"sized for (max_tokens={self.max_tokens}, max_len={self.max_len})")
-        if self._last_request and request > self._last_request:
-            self.reallocations += 1
+        if KernelWorkspace._last_request and request > KernelWorkspace._last_request:
+            KernelWorkspace.reallocations += 1
         # hidden, heads, prompt_length, batch_size, num_layers (K/V slots), mp_size,
         # external_cache, rank, max_out_tokens (the K/V stride), min_out_tokens (C++ throws if
         # the buffer would hold fewer than this, instead of silently laying out a shorter one)
         self._op.allocate_workspace(self.hidden, self.heads, length, rows, 1, 1, False, 0,
                                     length, length)
-        self._last_request = request
+        KernelWorkspace._last_request = request
 
     def reserve(self) -> int:
         """Allocate for the largest layout now; returns the GPU bytes it took."""
@@ -332,7 +399,11 @@ class KernelWorkspace:
                 f"kernel workspace needs {self.reserved_bytes / GIB:.1f} GiB for max_tokens="
                 f"{self.max_tokens}, max_len={self.max_len}; {free_before / GIB:.1f} GiB free: "
                 f"lower the token budget")
-        self._layout(*self.reserve_shape)
+        try:
+            self._layout(*self.reserve_shape)
+        except RuntimeError as error:  # GenWorkSpace: "Workspace can't be allocated..."
+            raise KernelUnavailableError(f"kernel workspace of {self.reserved_bytes / GIB:.1f} GiB "
+                                         f"could not be laid out: {error}") from error
         torch.cuda.synchronize()
         return free_before - torch.cuda.mem_get_info()[0]
 
@@ -350,8 +421,8 @@ class ESM2KernelEncoder:
     after emb_layer_norm_after, as fair-esm's forward computes them (pad positions: anything)."""
 
     def __init__(self, model, alphabet, *, dtype: torch.dtype, device: torch.device,
-                 max_tokens: int, max_len: int):
-        self.device, self.dtype = device, dtype
+                 max_tokens: int, max_len: int, attention: str = "deepspeed"):
+        self.device, self.dtype, self.attention = device, dtype, attention
         self.max_tokens, self.max_len = max_tokens, max_len
         self.padding_idx, self.mask_idx = alphabet.padding_idx, alphabet.mask_idx
         self.token_dropout = bool(getattr(model, "token_dropout", True))
@@ -365,7 +436,8 @@ class ESM2KernelEncoder:
         for layer in model.layers:
             check_layer_supported(layer)
         with torch.cuda.device(device):
-            self.layers = [inject_layer(ESM2LayerPolicy(layer), dtype) for layer in model.layers]
+            self.layers = [inject_layer(ESM2LayerPolicy(layer), dtype, attention)
+                           for layer in model.layers]
             self.workspace = KernelWorkspace(self.layers[0].config, max_tokens=max_tokens,
                                              max_len=max_len, elem_size=torch.finfo(dtype).bits // 8)
 
@@ -423,13 +495,16 @@ class ESM2KernelEncoder:
 
 def build_kernel_encoder(model, alphabet, *, dtype: torch.dtype = torch.bfloat16,
                          device="cuda", max_tokens: int = 65536,
-                         max_len: int = DEFAULT_MAX_LEN, warm_up: bool = True) -> ESM2KernelEncoder:
+                         max_len: int = DEFAULT_MAX_LEN, warm_up: bool = True,
+                         attention: str = "deepspeed") -> ESM2KernelEncoder:
     """ESM-2 (fair-esm `esm.model.esm2.ESM2`, any size) on DeepSpeed's inference kernels.
 
     Returns a callable: tokens [B, T] int64 -> final-layer representations [B, T, E] float32
     (pad positions undefined). `max_tokens` is the padded token budget of one forward (bigger
     batches are split by rows), `max_len` the longest batch length T in tokens. The caller's model
     is not modified and may live on the CPU. The op is built if needed (prebuild_inference_op).
+    attention: "deepspeed" (the v1 kernels' own attention, the default) or "sdpa" (rotary by a
+    Triton kernel and torch's scaled_dot_product_attention, inside the same DeepSpeed layers).
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"kernel dtype must be bfloat16 or float16, not {dtype}")
@@ -444,7 +519,7 @@ def build_kernel_encoder(model, alphabet, *, dtype: torch.dtype = torch.bfloat16
     allocated_before = torch.cuda.memory_allocated(device)
     started = time.perf_counter()
     encoder = ESM2KernelEncoder(model.eval(), alphabet, dtype=dtype, device=device,
-                                max_tokens=max_tokens, max_len=max_len)
+                                max_tokens=max_tokens, max_len=max_len, attention=attention)
     weights_bytes = torch.cuda.memory_allocated(device) - allocated_before
     with torch.cuda.device(device):
         workspace_bytes = encoder.workspace.reserve()

@@ -192,7 +192,8 @@ class DnabertSModel(nn.Module):
         key_padding = torch.zeros(attention_mask.shape, dtype=torch.float32,
                                   device=attention_mask.device)
         key_padding.masked_fill_(~attention_mask.bool(), torch.finfo(dtype).min)  # [B, T]
-        return (alibi[None] + key_padding[:, None, None, :]).to(dtype)  # [B, N, T, T]
+        bias = alibi[None] + key_padding[:, None, None, :]  # [B, N, T, T] fp32
+        return bias.clamp_min_(torch.finfo(dtype).min).to(dtype)  # no -inf on casting to fp16
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask: [B, T] (mask 1 = token, 0 = padding)

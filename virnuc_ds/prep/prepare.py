@@ -104,7 +104,8 @@ def prepare(
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(atomic_path(out / name)) for name in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)]
         handles = [stack.enter_context(open(p, "w")) for p in paths]
-        pool = stack.enter_context(mp.get_context("fork").Pool(workers)) if workers > 1 else None
+        # spawn, not fork: the caller may hold torch/OpenMP threads, and a forked child can deadlock on them
+        pool = stack.enter_context(mp.get_context("spawn").Pool(workers)) if workers > 1 else None
 
         def write(result) -> None:
             chunk_text, nuc_text, prot_text, n_records, n_chunks, n_frames, n_bases = result

@@ -1,0 +1,63 @@
+"""Subcommands that run the embedding pipeline: run, merge, make-demo-models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def cmd_run(args) -> int:
+    from ..run import run
+
+    return run(args)
+
+
+def cmd_merge(args) -> int:
+    from ..errors import InputError
+    from ..run import EMBEDDINGS_H5, PREP_DIR, _finish
+    from ..pipeline.fingerprint import MANIFEST
+    from ..pipeline.frames_table import read_frames_table
+    from ..config import load_config
+
+    out = Path(args.output_dir)
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        raise InputError(out, f"no {MANIFEST}: not a virnuc-ds run folder")
+    facts = json.loads(manifest.read_text())
+    cfg = load_config(args.config)
+    if args.classifier:
+        cfg.models.classifier = str(Path(args.classifier).resolve())
+    frames = read_frames_table(out / PREP_DIR)
+    _finish(
+        cfg, out, frames.ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
+        facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"], [], {"fingerprint": facts["fingerprint"]},
+    )
+    print(f"merged {len(frames)} frames into {out / EMBEDDINGS_H5}")
+    return 0
+
+
+def cmd_make_demo_models(args) -> int:
+    from ..demo import write_demo_models
+
+    paths = write_demo_models(args.output_dir, seed=args.seed)
+    print(f"wrote tiny demo models (random weights: their predictions mean nothing) and {paths['config']}")
+    return 0
+
+
+def register(sub) -> None:
+    from ..run import add_run_arguments
+
+    s = sub.add_parser("run", help="the whole pipeline: prepare, DNABERT-S + ESM-2 embeddings, merge, classify")
+    add_run_arguments(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("merge", help="merge an output folder's rank parts into embeddings.h5, check it, classify")
+    s.add_argument("-o", "--output-dir", required=True, help="a run's output folder")
+    s.add_argument("-c", "--config", help="run config (for models.classifier and classify.device)")
+    s.add_argument("-p", "--classifier", help="classifier checkpoint (overrides models.classifier)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("make-demo-models", help="write tiny ESM-2, DNABERT-S and classifier models and a demo config")
+    s.add_argument("-o", "--output-dir", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_make_demo_models)

@@ -1,0 +1,67 @@
+"""Rank context: who am I, which device, and barriers that time out instead of hanging.
+
+Under the `deepspeed` launcher (or torchrun, or SLURM through them) RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT are set; without them the run is a single rank. The process group is
+torch.distributed's (NCCL on GPUs, gloo on CPUs): the runner only needs barriers, and this avoids
+DeepSpeed's CPU shared-memory comm op, a JIT build the ranks do not need.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self, what: str = "") -> None:
+        if not self.distributed:
+            return
+        if dist.get_backend() == "gloo":
+            # names the ranks that did not arrive when it times out
+            dist.monitored_barrier(wait_all_ranks=True)
+        else:
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_ranks(timeout_minutes: int = 60, force_cpu: bool = False) -> RankContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # share the node's cores among its CPU ranks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(1, local_world)))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"device_id": device} if use_cuda else {}),
+        )
+    return RankContext(rank, world, local_rank, local_world, device, distributed)

@@ -1,0 +1,58 @@
+"""Rank-local part files: the embeddings of one part, written atomically when the part finishes.
+
+A part file is complete or absent (temp file + rename), so a crash at any instant loses at most the
+parts in flight. Layout: the embedding store's (ids, dnabert_s, esm2) plus `frame_index` int64 [n]
+(position of each row in the prepared frame list) and attrs `part`, `fingerprint`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..atomic import atomic_path
+from ..store.embeddings import _STR
+
+PARTS_DIR = "parts"
+
+
+def part_path(output_dir: str | os.PathLike, index: int) -> Path:
+    return Path(output_dir) / PARTS_DIR / f"part-{index:06d}.h5"
+
+
+def write_part(path: Path, index: int, frame_index: np.ndarray, ids: list[str], dnabert_s: np.ndarray, esm2: np.ndarray, fingerprint: str) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("frame_index", data=np.asarray(frame_index, dtype=np.int64))
+            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+            f.create_dataset("dnabert_s", data=np.asarray(dnabert_s, dtype=np.float32))  # [n, H_dna]
+            f.create_dataset("esm2", data=np.asarray(esm2, dtype=np.float32))  # [n, H_esm]
+            f.attrs["part"] = index
+            f.attrs["fingerprint"] = fingerprint
+
+
+def read_part(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {
+            "frame_index": f["frame_index"][()],
+            "ids": [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][()]],
+            "dnabert_s": f["dnabert_s"][()],
+            "esm2": f["esm2"][()],
+            "fingerprint": f.attrs.get("fingerprint", ""),
+        }
+
+
+def part_is_complete(path: Path, expected_frames: np.ndarray, fingerprint: str) -> bool:
+    """True if the file holds exactly these frames, from a run with this fingerprint."""
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("fingerprint", "") != fingerprint:
+                return False
+            return np.array_equal(f["frame_index"][()], expected_frames)
+    except (OSError, KeyError):
+        return False
