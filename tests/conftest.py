@@ -36,3 +36,14 @@ def read_records(path):
     from virnuc_ds.fasta import read_fasta
 
     return [(r.id, r.sequence) for r in read_fasta(path, check_duplicates=False)]
+
+
+# Two cores are shared by the test process and the launcher's ranks: one thread each keeps
+# in-process model tests from oversubscribing the machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+except Exception:  # pragma: no cover
+    pass

@@ -1,0 +1,164 @@
+"""The rank runner end to end on the tiny demo models: parity, rank-count invariance, resume, merge checks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from virnuc_ds.cli import main
+from virnuc_ds.demo import write_demo_models
+from virnuc_ds.pipeline.parts import PARTS_DIR
+from virnuc_ds.pipeline.shard import assign_parts, plan_parts
+from virnuc_ds.store.embeddings import read_embeddings
+
+ROOT = Path(__file__).parents[1]
+SAMPLE = ROOT / "examples" / "sample.fa"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return write_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+def run_cli(demo, out, *extra, input_path=SAMPLE):
+    return main(["run", "-c", str(demo["config"]), "-i", str(input_path), "-m", "500", "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="session")
+def one_rank(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_rank")
+    assert run_cli(demo, out) == 0
+    return out
+
+
+def cosine_rows(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_outputs_complete_and_in_frame_order(one_rank):
+    from conftest import read_records
+
+    emb = read_embeddings(one_rank / "embeddings.h5")
+    frames = [rid for rid, _ in read_records(one_rank / "prep" / "identified_protein.faa")]
+    assert emb.ids == frames and len(set(frames)) == len(frames)
+    assert np.isfinite(emb.features()).all()
+    rows = (one_rank / "prediction_results.txt").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == frames
+    report = json.loads((one_rank / "run_report.json").read_text())
+    assert report["frames"] == len(frames) and report["ranks"][0]["esm2_tokens"] > 0
+
+
+def test_esm2_embeddings_equal_fair_esm_one_at_a_time(demo, one_rank):
+    """The runner's pooled ESM-2 vectors are fair-esm's own fp32 forward, one sequence at a time."""
+    from conftest import read_records
+    from virnuc_ds.models.esm2 import load_esm2
+
+    model, alphabet = load_esm2(demo["esm2"])
+    convert = alphabet.get_batch_converter()
+    emb = read_embeddings(one_rank / "embeddings.h5")
+    proteins = dict(read_records(one_rank / "prep" / "identified_protein.faa"))
+    worst = 0.0
+    with torch.no_grad():
+        for k in range(0, len(emb.ids), 7):  # every 7th frame keeps the test fast
+            _, _, toks = convert([(emb.ids[k], proteins[emb.ids[k]])])
+            rep = model(toks, repr_layers=[model.num_layers])["representations"][model.num_layers]
+            ref = rep[0, 1 : len(proteins[emb.ids[k]]) + 1].mean(0).numpy()
+            worst = max(worst, float(np.abs(ref - emb.esm2[k]).max()))
+    assert worst <= 1e-5
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_deepspeed_launcher_match_one_rank(demo, one_rank, tmp_path):
+    out = tmp_path / "two"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731", "--module",
+        "virnuc_ds.run", "-c", str(demo["config"]), "-i", str(SAMPLE), "-m", "500", "-o", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = read_embeddings(one_rank / "embeddings.h5"), read_embeddings(out / "embeddings.h5")
+    assert a.ids == b.ids
+    assert cosine_rows(a.features(), b.features()).min() >= 0.99999
+    labels = lambda p: [r.split("\t")[:2] for r in (p / "prediction_results.txt").read_text().splitlines()]
+    assert labels(one_rank) == labels(out)
+    assert (one_rank / "prediction_results_highestscore.csv").read_text() == (out / "prediction_results_highestscore.csv").read_text()
+    assert "rank1" in proc.stdout + proc.stderr  # both ranks worked
+
+
+def test_batch_budget_does_not_change_results(demo, one_rank, tmp_path):
+    out = tmp_path / "small_batches"
+    assert run_cli(demo, out, "--esm-batch-tokens", "1024", "--dnabert-batch-tokens", "1024") == 0
+    a, b = read_embeddings(one_rank / "embeddings.h5"), read_embeddings(out / "embeddings.h5")
+    assert cosine_rows(a.esm2, b.esm2).min() >= 0.99999
+    assert cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.99999
+
+
+def test_resume_skips_finished_parts_and_force_recomputes(demo, one_rank, tmp_path, capsys):
+    out = tmp_path / "resume"
+    shutil.copytree(one_rank, out)
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    assert len(parts) >= 2
+    parts[0].unlink()  # as if the run died before this part finished
+    (out / "embeddings.h5").unlink()
+    stamp = parts[1].stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli(demo, out) == 0
+    assert parts[1].stat().st_mtime_ns == stamp, "a finished part was recomputed"
+    assert "1 to compute" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_embeddings(out / "embeddings.h5").features(), read_embeddings(one_rank / "embeddings.h5").features())
+    assert run_cli(demo, out, "--force") == 0
+    assert f"{len(parts)} to compute" in capsys.readouterr().err
+
+
+def test_merge_reports_missing_frames_with_exit_code_2(demo, one_rank, tmp_path, capsys):
+    out = tmp_path / "broken"
+    shutil.copytree(one_rank, out)
+    (out / "embeddings.h5").unlink()
+    victim = sorted((out / PARTS_DIR).glob("part-*.h5"))[-1]
+    with h5py.File(victim) as f:
+        first_id = f["ids"][0].decode()
+    victim.unlink()
+    assert main(["merge", "-o", str(out), "-c", str(demo["config"])]) == 2
+    err = capsys.readouterr().err
+    assert "have no embeddings" in err and first_id in err and len(err.strip().splitlines()) == 1
+    assert not (out / "embeddings.h5").exists()
+
+
+def test_another_input_in_the_same_output_dir_is_refused(demo, one_rank, tmp_path, capsys):
+    out = tmp_path / "reuse"
+    shutil.copytree(one_rank, out)
+    other = tmp_path / "other.fa"
+    other.write_text(">x\n" + "ATG" * 120 + "\n")
+    assert run_cli(demo, out, input_path=other) == 1
+    assert "holds a run with another input_sha256" in capsys.readouterr().err
+    assert run_cli(demo, out, "--force", input_path=other) == 0
+    assert read_embeddings(out / "embeddings.h5").ids[0].startswith("x_chunk_1")
+
+
+def test_missing_model_names_where_it_looked(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"models:\n  esm2: {tmp_path / 'esm2_t36_3B_UR50D.pt'}\n")
+    assert main(["run", "-c", str(cfg), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "not found" in err and "esm2_t36_3B_UR50D.pt" in err
+
+
+def test_parts_do_not_depend_on_world_size_and_are_token_balanced():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(30, 167, size=50_000)
+    parts = plan_parts(lengths, 512)
+    assert sorted(np.concatenate([p.frames for p in parts]).tolist()) == list(range(len(lengths)))
+    for world in (1, 2, 3, 4, 8):
+        shards = assign_parts(parts, world)
+        assert sorted(p.index for s in shards for p in s) == list(range(len(parts)))
+        loads = np.array([sum(p.cost for p in s) for s in shards])
+        assert loads.max() <= loads.mean() * 1.03
+        assert assign_parts(parts, world) == shards  # deterministic
