@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parents[1]
+SAMPLE = ROOT / "examples" / "sample.fa"
 GOLDEN = DATA / "golden"
 
 
@@ -23,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: none on this machine (run through the device tool)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
@@ -47,3 +49,31 @@ try:
     _torch.set_num_threads(1)
 except Exception:  # pragma: no cover
     pass
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The tiny demo models (real formats, random weights) and their demo.yaml."""
+    from virnuc_ds.demo import write_demo_models
+
+    return write_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+def run_cli(demo, out, *extra, input_path=SAMPLE):
+    from virnuc_ds.cli import main
+
+    return main(["run", "-c", str(demo["config"]), "-i", str(input_path), "-m", "500", "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="session")
+def one_rank(demo, tmp_path_factory):
+    """An uninterrupted one-rank run of the sample: the reference other runs must equal."""
+    out = tmp_path_factory.mktemp("one_rank")
+    assert run_cli(demo, out) == 0
+    return out
+
+
+def cosine_rows(a, b):
+    import numpy as np
+
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

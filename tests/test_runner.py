@@ -13,33 +13,14 @@ import pytest
 import torch
 
 from virnuc_ds.cli import main
-from virnuc_ds.demo import write_demo_models
 from virnuc_ds.pipeline.parts import PARTS_DIR
 from virnuc_ds.pipeline.shard import assign_parts, plan_parts
 from virnuc_ds.store.embeddings import read_embeddings
 
 ROOT = Path(__file__).parents[1]
-SAMPLE = ROOT / "examples" / "sample.fa"
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return write_demo_models(tmp_path_factory.mktemp("demo"))
-
-
-def run_cli(demo, out, *extra, input_path=SAMPLE):
-    return main(["run", "-c", str(demo["config"]), "-i", str(input_path), "-m", "500", "-o", str(out), *extra])
-
-
-@pytest.fixture(scope="session")
-def one_rank(demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_rank")
-    assert run_cli(demo, out) == 0
-    return out
-
-
-def cosine_rows(a, b):
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+from conftest import SAMPLE, cosine_rows, run_cli
 
 
 def test_outputs_complete_and_in_frame_order(one_rank):

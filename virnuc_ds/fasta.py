@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
+import numpy as np
+
 from .errors import InputError
 
 # IUPAC nucleotide codes, both cases. Anything else in a nucleotide record is an error.
@@ -54,7 +56,7 @@ def read_fasta(
     Checks: the first non-blank line is a header; no duplicate ids (optional); no empty sequence
     (optional); nucleotide letters only (optional); at least one record (optional).
     """
-    seen: set[str] = set()
+    seen = _IdHashes() if check_duplicates else None
     count = 0
     header: str | None = None
     parts: list[str] = []
@@ -74,9 +76,7 @@ def read_fasta(
                 raise InputError(
                     path, f"character {sequence[pos]!r} at position {pos + 1} is not a nucleotide code", record=rid
                 )
-        if check_duplicates:
-            if rid in seen:
-                raise InputError(path, "duplicate record id", record=rid)
+        if seen is not None:
             seen.add(rid)
         return FastaRecord(rid, sequence, desc)
 
@@ -105,6 +105,45 @@ def read_fasta(
         yield finish()
     if count == 0 and not allow_empty_file:
         raise InputError(path, "contains no FASTA records (empty file?)")
+    if seen is not None and seen.has_duplicates():
+        raise InputError(path, "duplicate record id", record=_first_duplicate_id(path))
+
+
+class _IdHashes:
+    """Record ids seen so far, as 8-byte hashes: a million reads cost 8 MB, not a set of strings.
+
+    Duplicates are looked for when the file ends (outputs are written atomically, so nothing is
+    left behind); a second pass then names the duplicated id, ruling out hash collisions."""
+
+    def __init__(self):
+        self._blocks: list[np.ndarray] = []
+        self._current: list[int] = []
+
+    def add(self, rid: str) -> None:
+        self._current.append(hash(rid))
+        if len(self._current) >= 65536:
+            self._blocks.append(np.array(self._current, dtype=np.int64))
+            self._current = []
+
+    def has_duplicates(self) -> bool:
+        hashes = np.sort(np.concatenate([*self._blocks, np.array(self._current, dtype=np.int64)]))
+        return bool(len(hashes) > 1 and (hashes[1:] == hashes[:-1]).any())
+
+
+def _first_duplicate_id(path) -> str | None:
+    counts: dict[int, list[str]] = {}
+    hashes = _IdHashes()
+    for rec in read_fasta(path, check_duplicates=False):
+        hashes.add(rec.id)
+    all_hashes = np.sort(np.concatenate([*hashes._blocks, np.array(hashes._current, dtype=np.int64)]))
+    repeated = set(all_hashes[1:][all_hashes[1:] == all_hashes[:-1]].tolist())
+    for rec in read_fasta(path, check_duplicates=False):
+        h = hash(rec.id)
+        if h in repeated:
+            if rec.id in counts.setdefault(h, []):
+                return rec.id
+            counts[h].append(rec.id)
+    return None
 
 
 def write_fasta_records(fh: TextIO, records: Iterable[tuple[str, str]]) -> int:

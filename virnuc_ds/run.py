@@ -25,16 +25,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .atomic import atomic_open, remove_stale_temporaries
 from .config import Config, load_config
-from .errors import EXIT_FAILURE, ConfigError, InputError, InterruptedRun, VirnucError
+from .errors import EXIT_FAILURE, ConfigError, IncompleteError, InputError, InterruptedRun, VirnucError
 from .pipeline.distributed import RankContext, init_ranks
 from .pipeline.fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
 from .pipeline.frames_table import read_frames_table
 from .pipeline.merge import EMBEDDINGS_H5, merge_parts
-from .pipeline.parts import PARTS_DIR, part_is_complete, part_path, write_part
+from .pipeline.embed_part import embed_stage, injected_fault_ids
+from .pipeline.parts import (
+    PARTS_DIR,
+    failures_path,
+    finished_frames,
+    part_is_complete,
+    part_path,
+    read_failure_lines,
+    read_part,
+    write_part,
+)
 from .pipeline.shard import assign_parts, plan_parts
 from .prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, prepare
 from .version import __version__
@@ -130,7 +141,7 @@ def _prepare_stage(cfg: Config, input_path: Path, out: Path, force: bool, facts_
     if force:
         for name in (PREP_DIR, PARTS_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, "prediction_results.txt", "prediction_results_highestscore.csv"):
+        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv"):
             (out / name).unlink(missing_ok=True)
     check_or_write_manifest(out, fingerprint, facts, force)
     prep = out / PREP_DIR
@@ -190,39 +201,31 @@ def run(args) -> int:
         frames = read_frames_table(out / PREP_DIR)
         parts = plan_parts(frames.protein_lengths(), cfg.run.frames_per_part)
         mine = assign_parts(parts, ctx.world_size)[ctx.rank]
-        todo = [p for p in mine if not part_is_complete(part_path(out, p.index), p.frames, fingerprint)]
+        todo = [p for p in mine if not part_is_complete(out, p.index, p.frames, fingerprint)]
         timings["plan"] = time.time() - t0
         log.info("%d frames in %d parts; this rank: %d parts, %d to compute", len(frames), len(parts), len(mine), len(todo))
 
         # 3. embed this rank's parts
-        esm_tokens = 0
         if todo:
             t0 = time.time()
-            esm_embedder, dna_embedder = _load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
+            embedders = _load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
             timings["model_load"] = time.time() - t0
-            timings["dnabert_s"] = timings["esm2"] = 0.0
+            fail_ids = injected_fault_ids(cfg.run.fail_frames)
+            totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
-                ids = [frames.ids[i] for i in part.frames]
-                t0 = time.time()
-                dna = dna_embedder.embed([frames.nucleotides[i] for i in part.frames]).numpy()  # [n, H_dna]
-                _sync(ctx.device)
-                t1 = time.time()
-                proteins = [frames.proteins[i] for i in part.frames]
-                esm = esm_embedder.embed(proteins).numpy()  # [n, H_esm]
-                _sync(ctx.device)
-                t2 = time.time()
-                write_part(part_path(out, part.index), part.index, part.frames, ids, dna, esm, fingerprint)
-                timings["dnabert_s"] += t1 - t0
-                timings["esm2"] += t2 - t1
-                tokens = sum(min(len(s), cfg.esm2.max_residues) + 2 for s in proteins)
-                esm_tokens += tokens
+                part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device)
+                for key, value in part_times.items():
+                    totals[key] += value
                 log.info(
-                    "part %d done (%d/%d on this rank): %d frames, ESM-2 %.0f tokens/s",
-                    part.index, n_done, len(todo), len(ids), tokens / max(t2 - t1, 1e-9),
+                    "part %d done (%d/%d on this rank): %d frames, ESM-2 %.0f tokens/s%s",
+                    part.index, n_done, len(todo), len(part.frames),
+                    part_times["esm2_tokens"] / max(part_times["esm2"], 1e-9),
+                    f", {part_times['failed_frames']} failed" if part_times["failed_frames"] else "",
                 )
-            timings["esm2_tokens"] = esm_tokens
-            timings["truncated_proteins"] = getattr(esm_embedder, "truncated_count", 0)
+                _test_hooks_after_part(n_done)
+            timings.update(totals)
+            timings["truncated_proteins"] = getattr(embedders[0], "truncated_count", 0)
 
         # 4. merge, check, classify (rank 0) once every rank is done
         ctx.barrier("embeddings done")
@@ -233,10 +236,26 @@ def run(args) -> int:
         ctx.close()
 
 
+FAILED_FILES = "failed_files.txt"
+
+
+def _collect_failures(out: Path) -> list[str]:
+    """Every part's failed frames, written to OUT/failed_files.txt (`item|stage|message`); removed when none."""
+    lines = [line for f in sorted((out / PARTS_DIR).glob("part-*.failed.txt")) for line in read_failure_lines(f)]
+    if lines:
+        with atomic_open(out / FAILED_FILES) as fh:
+            fh.write("".join(line + "\n" for line in lines))
+    else:
+        (out / FAILED_FILES).unlink(missing_ok=True)
+    return lines
+
+
 def _finish(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info):
     t0 = time.time()
+    failures = _collect_failures(out)
+    failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
     merge_parts(
-        out, frame_ids, fingerprint=fingerprint,
+        out, frame_ids, fingerprint=fingerprint, failed_ids=failed_ids,
         attrs={"esm2_model": str(esm2_path), "dnabert_s_model": str(dnabert_path), "dtype": json.dumps(dtypes), "fingerprint": fingerprint},
     )
     merge_s = time.time() - t0
@@ -261,8 +280,65 @@ def _finish(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, a
         "classify_seconds": classify_s,
         "ranks": all_timings,
     }
+    report["failed_frames"] = len(failed_ids)
     with atomic_open(out / REPORT) as fh:
         json.dump(report, fh, indent=2)
+    if failed_ids:
+        raise IncompleteError(
+            f"{len(failed_ids)} of {len(frame_ids)} frames failed and are missing from the results "
+            f"(listed in {out / FAILED_FILES}); rerun the same command to retry only them"
+        )
+
+
+def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:
+    """Compute the part's missing frames (all of them, or those that failed last time), write it."""
+    esm_embedder, dna_embedder, esm_width, dna_width = embedders
+    path = part_path(out, part.index)
+    have = finished_frames(path, fingerprint)
+    kept = read_part(path) if have is not None and len(have) else None
+    need = part.frames if kept is None else part.frames[~np.isin(part.frames, kept["frame_index"])]
+    ids = [frames.ids[i] for i in need]
+    t0 = time.time()
+    # injected faults (run.fail_frames) strike the ESM-2 stage only
+    dna, dna_failed = embed_stage(dna_embedder, "dnabert_s", ids, [frames.nucleotides[i] for i in need], frozenset(), dna_width)
+    _sync(device)
+    t1 = time.time()
+    proteins = [frames.proteins[i] for i in need]
+    esm, esm_failed = embed_stage(esm_embedder, "esm2", ids, proteins, fail_ids, esm_width)
+    _sync(device)
+    t2 = time.time()
+    failures = dna_failed + esm_failed
+    ok = np.isfinite(dna).all(1) & np.isfinite(esm).all(1)
+    rows_index, rows_ids, rows_dna, rows_esm = need[ok], [i for i, good in zip(ids, ok) if good], dna[ok], esm[ok]
+    if kept is not None:
+        rows_index = np.concatenate([kept["frame_index"], rows_index])
+        rows_ids = kept["ids"] + rows_ids
+        rows_dna = np.concatenate([kept["dnabert_s"], rows_dna])
+        rows_esm = np.concatenate([kept["esm2"], rows_esm])
+    position = {int(f): k for k, f in enumerate(part.frames)}
+    order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
+    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint)
+    failed_file = failures_path(out, part.index)
+    if failures:
+        with atomic_open(failed_file) as fh:
+            fh.write("".join(f.line() + "\n" for f in failures))
+    else:
+        failed_file.unlink(missing_ok=True)
+    tokens = sum(esm_embedder.token_count(p) for p in proteins)
+    return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "esm2_tokens": tokens, "failed_frames": len({f.item for f in failures})}
+
+
+def _test_hooks_after_part(n_done: int) -> None:
+    """Crash and signal injection for the kill/SIGTERM tests (environment variables; never set in use).
+
+    VIRNUC_DS_TEST_HOOK_RANK limits them to one global rank."""
+    hook_rank = os.environ.get("VIRNUC_DS_TEST_HOOK_RANK")
+    if hook_rank is not None and hook_rank != os.environ.get("RANK", "0"):
+        return
+    if os.environ.get("VIRNUC_DS_TEST_KILL_AFTER_PARTS") == str(n_done):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("VIRNUC_DS_TEST_SIGTERM_AFTER_PARTS") == str(n_done):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _gather(ctx: RankContext, timings: dict) -> list:
@@ -305,7 +381,7 @@ def _load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, 
         esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
     dmodel, tokenizer = load_dnabert_s(dnabert_path)
     dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
-    return esm, dna
+    return esm, dna, model.embed_dim, dmodel.config.hidden_size
 
 
 def build_parser() -> argparse.ArgumentParser:

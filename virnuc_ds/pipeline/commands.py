@@ -61,3 +61,33 @@ def register(sub) -> None:
     s.add_argument("-o", "--output-dir", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_make_demo_models)
+
+    register_cluster_commands(sub)
+
+
+def register_cluster_commands(sub) -> None:
+    """predict (the VirNucPro refactor's flags), report, plot, build-ops: see launcher.py, report.py, plot.py."""
+    from .. import launcher, plot, report
+
+    s = sub.add_parser(
+        "predict",
+        help="the whole pipeline with the VirNucPro refactor's flags (predict X.fa -m 500 -p 500_model.pth -o OUT)",
+        description="Predict viral sequences: `virnuc-ds run` with the flags of the VirNucPro refactor's `predict`. "
+        "Uses every visible GPU (one rank each, under the DeepSpeed launcher) unless --gpus or -d says otherwise. "
+        "Rerunning resumes from the finished parts. Exit codes: 0 success, 1 failure, 2 incomplete result, "
+        "3 stopped by a signal (rerun to resume).",
+    )
+    launcher.add_predict_arguments(s)
+    s.set_defaults(func=launcher.cmd_predict)
+
+    s = sub.add_parser("report", help="print the summary of a finished run (OUT/run_report.json)")
+    s.add_argument("output_dir", metavar="OUT", help="a run's output folder")
+    s.set_defaults(func=report.cmd_report)
+
+    s = sub.add_parser("plot", help="draw OUT/prediction.png (the original's figure) and OUT/score_histogram.png")
+    s.add_argument("output_dir", metavar="OUT", help="a run's output folder (with prediction_results.txt)")
+    s.add_argument("-n", "--sequences", type=int, default=5, help="how many input sequences to draw (default 5, in input order)")
+    s.set_defaults(func=plot.cmd_plot)
+
+    s = sub.add_parser("build-ops", help="build DeepSpeed's inference op once (per node, before the ranks start)")
+    s.set_defaults(func=launcher.cmd_build_ops)

@@ -24,7 +24,14 @@ def _examples(items, n=5) -> str:
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
-def merge_parts(output_dir: str | os.PathLike, frame_ids: list[str], attrs: dict | None = None, fingerprint: str | None = None) -> Path:
+def merge_parts(
+    output_dir: str | os.PathLike,
+    frame_ids: list[str],
+    attrs: dict | None = None,
+    fingerprint: str | None = None,
+    failed_ids: frozenset[str] = frozenset(),
+) -> Path:
+    """Write OUT/embeddings.h5; frames in failed_ids (listed in failed_files.txt) may be absent."""
     out = Path(output_dir)
     files = sorted((out / PARTS_DIR).glob("part-*.h5"))
     n = len(frame_ids)
@@ -46,8 +53,8 @@ def merge_parts(output_dir: str | os.PathLike, frame_ids: list[str], attrs: dict
         dnabert[idx] = part["dnabert_s"]
         esm[idx] = part["esm2"]
         np.add.at(filled, idx, 1)
-    missing = np.flatnonzero(filled == 0)
-    if len(missing) or dnabert is None:
+    missing = np.flatnonzero((filled == 0) & ~np.isin(np.array(frame_ids, dtype=object), list(failed_ids)))
+    if len(missing) or (dnabert is None and len(failed_ids) < n):
         raise IncompleteError(
             f"{len(missing) if dnabert is not None else n} of {n} frames have no embeddings "
             f"({_examples(frame_ids[i] for i in missing[:6]) if len(missing) else 'no part files'}); "
@@ -56,9 +63,12 @@ def merge_parts(output_dir: str | os.PathLike, frame_ids: list[str], attrs: dict
     duplicated = np.flatnonzero(filled > 1)
     if len(duplicated):
         raise IncompleteError(f"{len(duplicated)} frames appear in several parts ({_examples(frame_ids[i] for i in duplicated[:6])})")
-    bad = np.flatnonzero(~(np.isfinite(dnabert).all(1) & np.isfinite(esm).all(1)))
+    bad = np.flatnonzero((filled > 0) & ~(np.isfinite(dnabert).all(1) & np.isfinite(esm).all(1)))
     if len(bad):
         raise IncompleteError(f"{len(bad)} frames have NaN or Inf embeddings ({_examples(frame_ids[i] for i in bad[:6])})")
+    keep = filled > 0
     path = out / EMBEDDINGS_H5
-    write_embeddings(path, Embeddings(list(frame_ids), dnabert, esm), **(attrs or {}))
+    if dnabert is None:  # every frame failed
+        raise IncompleteError(f"all {n} frames failed; see {out / 'failed_files.txt'}")
+    write_embeddings(path, Embeddings([i for i, k in zip(frame_ids, keep) if k], dnabert[keep], esm[keep]), **(attrs or {}))
     return path

@@ -45,14 +45,29 @@ def read_part(path: Path) -> dict:
         }
 
 
-def part_is_complete(path: Path, expected_frames: np.ndarray, fingerprint: str) -> bool:
-    """True if the file holds exactly these frames, from a run with this fingerprint."""
+def failures_path(output_dir: str | os.PathLike, index: int) -> Path:
+    """Frames of the part that failed: lines `item|stage|message`; present only while some did."""
+    return Path(output_dir) / PARTS_DIR / f"part-{index:06d}.failed.txt"
+
+
+def read_failure_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished_frames(path: Path, fingerprint: str) -> np.ndarray | None:
+    """Frame indices a part file already holds, if it is this run's (reads no embeddings)."""
     if not path.exists():
-        return False
+        return None
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("fingerprint", "") != fingerprint:
-                return False
-            return np.array_equal(f["frame_index"][()], expected_frames)
+                return None
+            return f["frame_index"][()]
     except (OSError, KeyError):
-        return False
+        return None
+
+
+def part_is_complete(output_dir, index: int, expected_frames: np.ndarray, fingerprint: str) -> bool:
+    """True if the part holds exactly these frames, from a run with this fingerprint, none failed."""
+    done = finished_frames(part_path(output_dir, index), fingerprint)
+    return done is not None and np.array_equal(done, expected_frames) and not failures_path(output_dir, index).exists()

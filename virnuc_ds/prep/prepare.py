@@ -52,13 +52,16 @@ def _process_block(args: tuple[list[tuple[str, str]], int]) -> tuple[str, str, s
     return chunk_text, nuc_text, prot_text, len(records), len(chunks), len(frames), n_bases
 
 
+BLOCK_RECORDS = 8192  # with block_bases, bounds the memory one block takes (many short reads, or long contigs)
+
+
 def _blocks(path: Path, block_bases: int, chunk_length: int):
     block: list[tuple[str, str]] = []
     size = 0
     for rec in read_fasta(path, check_nucleotides=True):
         block.append((rec.id, rec.sequence))
-        size += len(rec.sequence) + 64
-        if size >= block_bases:
+        size += len(rec.sequence)
+        if size >= block_bases or len(block) >= BLOCK_RECORDS:
             yield block, chunk_length
             block, size = [], 0
     if block:
