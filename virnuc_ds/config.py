@@ -42,6 +42,7 @@ class Esm2Config:
     toks_per_batch: int = 65536  # padded tokens per batch; also sizes the kernel workspace
     max_residues: int = 1024  # longer proteins are truncated (counted and reported); the original pooled 1..1024
     fallback_to_eager: bool = False  # if the DeepSpeed op cannot be built, run eager instead of failing
+    attention: str = "deepspeed"  # kernel attention: deepspeed (v1 kernels) or sdpa (torch SDPA inside the same layers)
 
 
 @dataclass
@@ -124,6 +125,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if getattr(cfg, name).toks_per_batch < 1024:
             raise ConfigError(f"{name}.toks_per_batch: must be at least 1024, got {getattr(cfg, name).toks_per_batch}")
+    if cfg.esm2.attention not in ("deepspeed", "sdpa"):
+        raise ConfigError(f"esm2.attention: must be deepspeed or sdpa, got {cfg.esm2.attention!r}")
     if cfg.esm2.max_residues < 1:
         raise ConfigError("esm2.max_residues: must be positive")
     if cfg.run.frames_per_part < 1:

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -47,6 +48,8 @@ from .pipeline.parts import (
     write_part,
 )
 from .pipeline.shard import assign_parts, plan_parts
+from .progress import ProgressReporter
+from .report import summarize
 from .prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, prepare
 from .version import __version__
 
@@ -67,6 +70,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dnabert-batch-tokens", type=int, help="override dnabert_s.toks_per_batch")
     p.add_argument("--force", action="store_true", help="discard this output folder's earlier results and start over")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are visible")
+    p.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: one rank each under the DeepSpeed launcher "
+                   "(default: every visible GPU; ignored inside a launcher)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -161,6 +166,7 @@ def run(args) -> int:
     ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu)
     stop = StopFlag()
     timings: dict[str, float] = {}
+    progress = None
     try:
         out = Path(args.output_dir)
         input_path = Path(args.input)
@@ -204,6 +210,8 @@ def run(args) -> int:
         todo = [p for p in mine if not part_is_complete(out, p.index, p.frames, fingerprint)]
         timings["plan"] = time.time() - t0
         log.info("%d frames in %d parts; this rank: %d parts, %d to compute", len(frames), len(parts), len(mine), len(todo))
+        progress = ProgressReporter(out, ctx.rank, ctx.world_size,
+                                    total_frames=sum(len(p.frames) for p in todo), total_parts=len(todo))
 
         # 3. embed this rank's parts
         if todo:
@@ -214,9 +222,11 @@ def run(args) -> int:
             totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
+                t_part = time.time()
                 part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device)
                 for key, value in part_times.items():
                     totals[key] += value
+                progress.part_done(len(part.frames), part_times["esm2_tokens"], time.time() - t_part)
                 log.info(
                     "part %d done (%d/%d on this rank): %d frames, ESM-2 %.0f tokens/s%s",
                     part.index, n_done, len(todo), len(part.frames),
@@ -229,10 +239,13 @@ def run(args) -> int:
 
         # 4. merge, check, classify (rank 0) once every rank is done
         ctx.barrier("embeddings done")
+        progress.close()
         all_timings = _gather(ctx, timings)
         on_main(ctx, _finish, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info)
         return 0
     finally:
+        if progress is not None:
+            progress.close()
         ctx.close()
 
 
@@ -281,8 +294,11 @@ def _finish(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, a
         "ranks": all_timings,
     }
     report["failed_frames"] = len(failed_ids)
+    report["expected_length"] = cfg.prepare.expected_length
+    report["versions"] = _versions()
     with atomic_open(out / REPORT) as fh:
         json.dump(report, fh, indent=2)
+    print(summarize(report, out), file=sys.stderr)
     if failed_ids:
         raise IncompleteError(
             f"{len(failed_ids)} of {len(frame_ids)} frames failed and are missing from the results "
@@ -326,6 +342,20 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
         failed_file.unlink(missing_ok=True)
     tokens = sum(esm_embedder.token_count(p) for p in proteins)
     return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "esm2_tokens": tokens, "failed_frames": len({f.item for f in failures})}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"virnuc-ds": __version__, "python": platform.python_version()}
+    for dist in ("torch", "deepspeed", "fair-esm", "transformers"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        found["cuda"] = torch.version.cuda
+    return found
 
 
 def _test_hooks_after_part(n_done: int) -> None:
@@ -372,7 +402,7 @@ def _load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, 
     model, alphabet = load_esm2(esm2_path)
     settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
     try:
-        esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, **settings)
+        esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
     except VirnucError as exc:
         if not (kernel_inject and cfg.esm2.fallback_to_eager):
             raise
@@ -398,7 +428,10 @@ def main(argv=None) -> int:
 
     configure_logging(args.verbose)
     try:
-        return run(args)
+        from .launcher import maybe_relaunch
+
+        code = maybe_relaunch(args, list(argv) if argv is not None else sys.argv[1:])
+        return run(args) if code is None else code
     except VirnucError as exc:
         print(f"virnuc-ds: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -115,7 +115,8 @@ class Esm2Embedder:
 
     def __init__(self, model, alphabet, *, device="cpu", dtype=torch.float32,
                  kernel_inject: bool = False, toks_per_batch: int = 65536,
-                 max_residues: int = MAX_RESIDUES, use_deepspeed: bool = True):
+                 max_residues: int = MAX_RESIDUES, use_deepspeed: bool = True,
+                 attention: str = "deepspeed"):
         if toks_per_batch < 1 or max_residues < 1:
             raise ValueError("toks_per_batch and max_residues must be positive")
         self.alphabet = alphabet
@@ -130,7 +131,8 @@ class Esm2Embedder:
 
             self.encoder = build_kernel_encoder(model, alphabet, dtype=dtype, device=self.device,
                                                 max_tokens=toks_per_batch,
-                                                max_len=max_residues + 2)
+                                                max_len=max_residues + 2,
+                                                attention=attention)
         else:
             self.encoder = eager_encoder(model, dtype=dtype, device=self.device,
                                          use_deepspeed=use_deepspeed)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 
 def cmd_run(args) -> int:
+    from ..launcher import maybe_relaunch
     from ..run import run
 
-    return run(args)
+    code = maybe_relaunch(args)  # several GPUs: one rank each under the DeepSpeed launcher
+    return run(args) if code is None else code
 
 
 def cmd_merge(args) -> int:

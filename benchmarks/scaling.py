@@ -1,0 +1,253 @@
+"""End-to-end scaling of the whole pipeline under the DeepSpeed launcher, N = 1, 2, 4, 8 GPUs.
+
+Real architectures with random weights, written to disk in the real formats and loaded through the
+real loaders: ESM-2 3B (fair-esm checkpoint, fp16 like the published file), DNABERT-S 117M (model
+folder with a BPE tokenizer), the VirNucPro classifier (pickled whole, as the original saves it).
+A coding-rich sample is generated (sense codons on either strand, so frames survive as in real
+data). Each N runs `deepspeed --num_gpus N --module virnuc_ds.run` on the same sample; the script
+records wall time, the per-stage times of every rank (run_report.json), ESM-2 tokens/s, scaling
+efficiency against N=1, the load balance (GPU time of each rank against the mean, and the idle
+tail of the slowest rank), and per-frame cosine / label agreement against N=1.
+
+    python benchmarks/scaling.py --gpus 1,2 --workload contigs500 --esm-seconds 60 --out OUTDIR
+
+Writes OUTDIR/scaling_raw.json, OUTDIR/scaling_summary.json (records: gpus, workload,
+esm2_tokens_per_s, e2e_seconds, per-stage seconds, gpu, commit, ...) and OUTDIR/scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SENSE = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in ("TAA", "TAG", "TGA")]
+WORKLOADS = {
+    # name: (expected length, contig length range, approx ESM-2 tokens per input sequence)
+    "contigs500": (500, (500, 3000), 175 * 1750 / 500),
+    "reads150": (300, (150, 150), 52),
+}
+
+
+def write_models(folder: Path, seed: int = 0) -> dict:
+    """ESM-2 3B, DNABERT-S 117M and the classifier, random weights, real formats."""
+    import argparse as ap
+
+    import torch
+    from esm.model.esm2 import ESM2
+
+    from virnuc_ds.classify.mlp import MLPClassifier, save_original_style
+    from virnuc_ds.models.demo import write_tiny_dnabert_s
+
+    folder.mkdir(parents=True, exist_ok=True)
+    esm_path = folder / "esm2_t36_3B_UR50D.pt"
+    if not esm_path.exists():
+        torch.manual_seed(seed)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = ESM2(num_layers=36, embed_dim=2560, attention_heads=40, alphabet="ESM-1b", token_dropout=True)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "layer_norm" in name and name.endswith("weight"):
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0, 0.02)
+        state = {}
+        for key, value in model.state_dict().items():
+            if key.startswith("contact_head."):
+                continue
+            prefix = "encoder." if key.startswith("lm_head.") else "encoder.sentence_encoder."
+            state[prefix + key] = value.half().cpu()
+        cfg = ap.Namespace(_name="esm2", encoder_layers=36, encoder_embed_dim=2560, encoder_ffn_embed_dim=10240,
+                           encoder_attention_heads=40, token_dropout=True, dropout=0.0, attention_dropout=0.0, max_positions=1024)
+        torch.save({"model": state, "cfg": {"model": cfg}}, esm_path)
+        del model, state
+    dna = folder / "DNABERT-S"
+    if not (dna / "config.json").exists():
+        write_tiny_dnabert_s(dna, seed=seed, init_std=0.02, vocab_size=4096, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072)
+    clf = folder / "500_model.pth"
+    if not clf.exists():
+        torch.manual_seed(seed)
+        save_original_style(MLPClassifier().eval(), clf)
+    return {"esm2": str(esm_path), "dnabert_s": str(dna), "classifier": str(clf)}
+
+
+def write_sample(path: Path, workload: str, target_tokens: float, seed: int = 1) -> int:
+    _, (lo, hi), tokens_per_seq = WORKLOADS[workload]
+    rng = np.random.default_rng(seed)
+    n = int(target_tokens / tokens_per_seq) + 1
+    comp = str.maketrans("ACGT", "TGCA")
+    codons = np.array(SENSE)
+    with open(path, "w") as fh:
+        for i in range(n):
+            length = int(rng.integers(lo, hi + 1))
+            seq = "".join(codons[rng.integers(0, len(codons), size=length // 3 + 1)])[:length]
+            if i % 2:
+                seq = seq.translate(comp)[::-1]
+            fh.write(f">{workload}_{i}\n{seq}\n")
+    return n
+
+
+def run_n(n: int, cfg: Path, sample: Path, length: int, out: Path, port: int) -> dict:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(port),
+           "--module", "virnuc_ds.run", "-c", str(cfg), "-i", str(sample), "-m", str(length), "-o", str(out), "--force"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+    wall = time.time() - t0
+    (out.parent / f"run_{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"N={n} failed (exit {proc.returncode}); log: {out.parent / f'run_{out.name}.log'}\n{proc.stderr[-3000:]}")
+    report = json.loads((out / "run_report.json").read_text())
+    return {"wall": wall, "report": report}
+
+
+def summarize(n: int, workload: str, res: dict, base: dict | None, agreement: dict, meta: dict) -> dict:
+    rep = res["report"]
+    ranks = rep["ranks"]
+    esm_busy = [r.get("esm2", 0.0) for r in ranks]
+    gpu_busy = [r.get("esm2", 0.0) + r.get("dnabert_s", 0.0) for r in ranks]
+    tokens = sum(r.get("esm2_tokens", 0) for r in ranks)
+    esm_wall = max(esm_busy)
+    rec = {
+        "gpus": n,
+        "workload": workload,
+        "frames": rep["frames"],
+        "esm2_tokens": tokens,
+        "esm2_tokens_per_s": tokens / esm_wall,
+        "esm2_tokens_per_s_per_gpu": tokens / esm_wall / n,
+        "e2e_seconds": res["wall"],
+        "prepare_seconds": rep["prepare"]["seconds"],
+        "model_load_seconds": max(r.get("model_load", 0.0) for r in ranks),
+        "dnabert_s_seconds": max(r.get("dnabert_s", 0.0) for r in ranks),
+        "esm2_seconds": esm_wall,
+        "merge_seconds": rep["merge_seconds"],
+        "classify_seconds": rep["classify_seconds"],
+        "rank_gpu_seconds": gpu_busy,
+        "load_balance_max_dev_pct": 100 * (max(gpu_busy) / np.mean(gpu_busy) - 1),
+        "slowest_rank_idle_tail_s": max(gpu_busy) - min(gpu_busy),
+        **agreement,
+        **meta,
+    }
+    if base is not None:
+        rec["esm2_speedup_vs_1"] = rec["esm2_tokens_per_s"] / base["esm2_tokens_per_s"]
+        rec["e2e_speedup_vs_1"] = base["e2e_seconds"] / rec["e2e_seconds"]
+        rec["esm2_scaling_efficiency"] = rec["esm2_speedup_vs_1"] / n
+    non_gpu = rec["prepare_seconds"] + rec["model_load_seconds"] + rec["merge_seconds"] + (rec["classify_seconds"] or 0)
+    rec["non_gpu_stage_fraction"] = non_gpu / rec["e2e_seconds"]
+    return rec
+
+
+def compare(a: Path, b: Path) -> dict:
+    from virnuc_ds.store.embeddings import read_embeddings
+
+    ea, eb = read_embeddings(a / "embeddings.h5"), read_embeddings(b / "embeddings.h5")
+    assert ea.ids == eb.ids, "frame ids differ between runs"
+    fa, fb = ea.features(), eb.features()
+    cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
+    lab = lambda p: [r.split("\t")[1] for r in (p / "prediction_results.txt").read_text().splitlines()[1:]]
+    la, lb = lab(a), lab(b)
+    return {"min_cosine_vs_1gpu": float(cos.min()), "labels_identical_vs_1gpu": la == lb,
+            "label_agreement_vs_1gpu": float(np.mean([x == y for x, y in zip(la, lb)]))}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for wl in sorted({r["workload"] for r in records}):
+        rs = sorted((r for r in records if r["workload"] == wl), key=lambda r: r["gpus"])
+        g = [r["gpus"] for r in rs]
+        ax1.plot(g, [r["esm2_tokens_per_s"] / rs[0]["esm2_tokens_per_s"] for r in rs], "o-", label=f"{wl} ESM-2 stage")
+        ax1.plot(g, [rs[0]["e2e_seconds"] / r["e2e_seconds"] for r in rs], "s--", label=f"{wl} end to end")
+        stages = ["prepare_seconds", "model_load_seconds", "dnabert_s_seconds", "esm2_seconds", "merge_seconds", "classify_seconds"]
+        bottom = np.zeros(len(rs))
+        for st in stages:
+            vals = np.array([r[st] or 0.0 for r in rs])
+            ax2.bar([str(x) for x in g], vals, bottom=bottom, label=st.replace("_seconds", ""))
+            bottom += vals
+    top = max(r["gpus"] for r in records)
+    ax1.plot([1, top], [1, top], ":", color="gray", label="ideal")
+    ax1.set_xlabel("GPUs")
+    ax1.set_ylabel("speed-up over 1 GPU")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("GPUs")
+    ax2.set_ylabel("seconds (slowest rank per stage)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"virnuc-ds scaling, {records[0]['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", default="1,2,4")
+    p.add_argument("--workload", default="contigs500", choices=sorted(WORKLOADS))
+    p.add_argument("--esm-seconds", type=float, default=60.0, help="size the sample for about this long an ESM-2 stage on one GPU")
+    p.add_argument("--tokens-per-s", type=float, default=82_000, help="one GPU's ESM-2 rate used for sizing")
+    p.add_argument("--work", default="/tmp/virnuc_scaling")
+    p.add_argument("--out", required=True)
+    p.add_argument("--attention", default=None, help="esm2.attention to set in the config (default: the product default)")
+    args = p.parse_args()
+    import torch
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    models = write_models(work / "models")
+    models_s = time.time() - t0
+    length = WORKLOADS[args.workload][0]
+    sample = work / f"{args.workload}.fa"
+    n_seqs = write_sample(sample, args.workload, args.esm_seconds * args.tokens_per_s)
+    cfg = work / "scaling.yaml"
+    esm_cfg = {"toks_per_batch": 65536}
+    if args.attention:
+        esm_cfg["attention"] = args.attention
+    cfg.write_text(json.dumps({"models": models, "esm2": esm_cfg, "run": {"frames_per_part": 2048}}))
+    cfg = cfg.rename(cfg.with_suffix(".json"))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()"], check=True,
+                   env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+    build_s = time.time() - t0
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
+    meta = {
+        "gpu": torch.cuda.get_device_name(0), "commit": commit, "torch": torch.__version__,
+        "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version(),
+        "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "input_sequences": n_seqs,
+        "command": " ".join(sys.argv),
+    }
+    records, raw, base_out = [], {}, None
+    for i, n in enumerate(int(x) for x in args.gpus.split(",")):
+        run_out = work / f"out_{args.workload}_{n}"
+        res = run_n(n, cfg, sample, length, run_out, 29600 + i)
+        raw[n] = res
+        agreement = compare(base_out, run_out) if base_out else {}
+        rec = summarize(n, args.workload, res, records[0] if records else None, agreement, meta)
+        records.append(rec)
+        base_out = base_out or run_out
+        print(json.dumps({k: rec[k] for k in ("gpus", "esm2_tokens_per_s", "e2e_seconds", "esm2_seconds", "model_load_seconds")}), flush=True)
+    (out / "scaling_raw.json").write_text(json.dumps({str(k): v for k, v in raw.items()}, indent=1, default=str))
+    (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
+    plot(records, out / "scaling.png")
+    print("\ngpus workload   ESM2 tok/s  speedup  e2e s  e2e speedup  balance%  min cos  labels")
+    for r in records:
+        print(f"{r['gpus']:>4} {r['workload']:<10} {r['esm2_tokens_per_s']:>10.0f}  {r.get('esm2_speedup_vs_1', 1):>6.2f}x "
+              f"{r['e2e_seconds']:>6.1f}  {r.get('e2e_speedup_vs_1', 1):>10.2f}x  {r['load_balance_max_dev_pct']:>7.2f}  "
+              f"{r.get('min_cosine_vs_1gpu', 1):.6f}  {r.get('labels_identical_vs_1gpu', True)}")
+
+
+if __name__ == "__main__":
+    main()

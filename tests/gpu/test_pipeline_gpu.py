@@ -1,0 +1,54 @@
+"""The whole pipeline on a GPU: DeepSpeed kernels in bf16 against the fp32 CPU path, and classify on CUDA."""
+
+import pytest
+import torch
+import yaml
+
+from conftest import GOLDEN, SAMPLE, cosine_rows
+from virnuc_ds.cli import main
+from virnuc_ds.store.embeddings import read_embeddings
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_models(tmp_path_factory):
+    """A small ESM-2 the kernels accept (head size 32), the demo DNABERT-S and a matching classifier."""
+    from virnuc_ds.classify.mlp import MLPClassifier, save_original_style
+    from virnuc_ds.models.demo import write_tiny_dnabert_s, write_tiny_esm2
+
+    d = tmp_path_factory.mktemp("gpu_models")
+    esm = write_tiny_esm2(d / "esm2_t4_gpu.pt", seed=3, num_layers=4, embed_dim=256, attention_heads=8, init_std=0.02)
+    write_tiny_dnabert_s(d / "dnabert", seed=3, init_std=0.02)
+    hidden = yaml.safe_load((d / "dnabert" / "config.json").read_text())["hidden_size"]
+    torch.manual_seed(0)
+    save_original_style(MLPClassifier(hidden + 256, 16, 2).eval(), d / "clf.pth")
+    cfg = {"models": {"esm2": str(esm), "dnabert_s": str(d / "dnabert"), "classifier": str(d / "clf.pth")}, "run": {"frames_per_part": 32}}
+    (d / "gpu.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "gpu.yaml"
+
+
+@pytest.mark.parametrize("attention", ["deepspeed", "sdpa"])
+def test_kernels_bf16_match_fp32_cpu(gpu_models, tmp_path, attention):
+    cfg = yaml.safe_load(gpu_models.read_text())
+    cfg["esm2"] = {"attention": attention}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", "-c", str(tmp_path / "c.yaml"), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "gpu")]) == 0
+    assert main(["run", "-c", str(gpu_models), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "cpu"), "--cpu"]) == 0
+    g, c = read_embeddings(tmp_path / "gpu" / "embeddings.h5"), read_embeddings(tmp_path / "cpu" / "embeddings.h5")
+    assert g.ids == c.ids
+    assert "bfloat16" in g.attrs["dtype"] and "float32" in c.attrs["dtype"]
+    assert cosine_rows(g.esm2, c.esm2).min() >= 0.9999
+    assert cosine_rows(g.dnabert_s, c.dnabert_s).min() >= 0.9999
+    labels = lambda p: [r.split("\t")[1] for r in (p / "prediction_results.txt").read_text().splitlines()[1:]]
+    agree = sum(a == b for a, b in zip(labels(tmp_path / "gpu"), labels(tmp_path / "cpu"))) / len(g.ids)
+    assert agree >= 0.999
+
+
+def test_classify_on_cuda_against_golden(tmp_path):
+    """Records whether the golden scores were made on a GPU: CUDA's summation order gives their bits."""
+    p = GOLDEN / "predict"
+    main(["import-legacy", "--dnabert", str(p / "output_1_DNABERT_S.pt"), "--esm", str(p / "output_1_ESM.pt"), "-o", str(tmp_path / "e.h5")])
+    assert main(["classify", "-e", str(tmp_path / "e.h5"), "-p", str(p / "model.pth"), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 0
+    for name in ("prediction_results.txt", "prediction_results_highestscore.csv"):
+        assert (tmp_path / "o" / name).read_bytes() == (p / name).read_bytes(), name
