@@ -35,7 +35,7 @@ SENSE = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c 
 WORKLOADS = {
     # name: (expected length, contig length range, approx ESM-2 tokens per input sequence)
     "contigs500": (500, (500, 3000), 175 * 1750 / 500),
-    "reads150": (300, (150, 150), 52),
+    "reads150": (300, (150, 150), 75),  # ~1.45 frames of ~50 aa per read
 }
 
 
@@ -194,7 +194,7 @@ def plot(records: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", default="1,2,4")
-    p.add_argument("--workload", default="contigs500", choices=sorted(WORKLOADS))
+    p.add_argument("--workload", default="contigs500", help=f"comma-separated, of {sorted(WORKLOADS)}")
     p.add_argument("--esm-seconds", type=float, default=60.0, help="size the sample for about this long an ESM-2 stage on one GPU")
     p.add_argument("--tokens-per-s", type=float, default=82_000, help="one GPU's ESM-2 rate used for sizing")
     p.add_argument("--work", default="/tmp/virnuc_scaling")
@@ -209,38 +209,41 @@ def main() -> None:
     t0 = time.time()
     models = write_models(work / "models")
     models_s = time.time() - t0
-    length = WORKLOADS[args.workload][0]
-    sample = work / f"{args.workload}.fa"
-    n_seqs = write_sample(sample, args.workload, args.esm_seconds * args.tokens_per_s)
-    cfg = work / "scaling.yaml"
-    esm_cfg = {"toks_per_batch": 65536}
-    if args.attention:
-        esm_cfg["attention"] = args.attention
-    cfg.write_text(json.dumps({"models": models, "esm2": esm_cfg, "run": {"frames_per_part": 2048}}))
-    cfg = cfg.rename(cfg.with_suffix(".json"))
     t0 = time.time()
     subprocess.run([sys.executable, "-c", "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()"], check=True,
                    env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
     build_s = time.time() - t0
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
+    # the device copy of the tree has no .git: the caller passes the commit in VIRNUC_DS_COMMIT
+    commit = os.environ.get("VIRNUC_DS_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     meta = {
         "gpu": torch.cuda.get_device_name(0), "commit": commit, "torch": torch.__version__,
         "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version(),
-        "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "input_sequences": n_seqs,
-        "command": " ".join(sys.argv),
+        "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "command": " ".join(sys.argv),
     }
-    records, raw, base_out = [], {}, None
-    for i, n in enumerate(int(x) for x in args.gpus.split(",")):
-        run_out = work / f"out_{args.workload}_{n}"
-        res = run_n(n, cfg, sample, length, run_out, 29600 + i)
-        raw[n] = res
-        agreement = compare(base_out, run_out) if base_out else {}
-        rec = summarize(n, args.workload, res, records[0] if records else None, agreement, meta)
-        records.append(rec)
-        base_out = base_out or run_out
-        print(json.dumps({k: rec[k] for k in ("gpus", "esm2_tokens_per_s", "e2e_seconds", "esm2_seconds", "model_load_seconds")}), flush=True)
-    (out / "scaling_raw.json").write_text(json.dumps({str(k): v for k, v in raw.items()}, indent=1, default=str))
-    (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
+    records, raw = [], {}
+    for w, workload in enumerate(args.workload.split(",")):
+        length = WORKLOADS[workload][0]
+        sample = work / f"{workload}.fa"
+        n_seqs = write_sample(sample, workload, args.esm_seconds * args.tokens_per_s)
+        cfg = work / "scaling.json"
+        esm_cfg = {"toks_per_batch": 65536}
+        if args.attention:
+            esm_cfg["attention"] = args.attention
+        cfg.write_text(json.dumps({"models": models, "esm2": esm_cfg, "run": {"frames_per_part": 2048}}))
+        base_out, base_rec = None, None
+        for i, n in enumerate(int(x) for x in args.gpus.split(",")):
+            run_out = work / f"out_{workload}_{n}"
+            res = run_n(n, cfg, sample, length, run_out, 29600 + 10 * w + i)
+            raw[f"{workload}_{n}"] = res
+            agreement = compare(base_out, run_out) if base_out else {}
+            rec = summarize(n, workload, res, base_rec, agreement, dict(meta, input_sequences=n_seqs))
+            records.append(rec)
+            base_out, base_rec = base_out or run_out, base_rec or rec
+            print(json.dumps({k: rec[k] for k in ("gpus", "workload", "esm2_tokens_per_s", "e2e_seconds", "esm2_seconds", "model_load_seconds")}), flush=True)
+            # written after every run, so a run cut short still leaves its records
+            (out / "scaling_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+            (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
     plot(records, out / "scaling.png")
     print("\ngpus workload   ESM2 tok/s  speedup  e2e s  e2e speedup  balance%  min cos  labels")
     for r in records:

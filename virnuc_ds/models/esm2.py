@@ -8,6 +8,7 @@ next to a checkpoint is optional: the contact head is not used for embeddings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -79,6 +80,24 @@ def _torch_load(path: Path, *, weights_only: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Make torch.nn.init a no-op while fair-esm builds the model: every weight is overwritten by
+    the checkpoint (strict loading), and random init of 3B parameters on the CPU costs ~20 s a rank."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_esm2(path_or_name: str | os.PathLike):
     """(model, alphabet) for an ESM-2 checkpoint of any size: fair-esm's ESM2, eval mode, fp32, CPU."""
     path = resolve_esm2_checkpoint(path_or_name)
@@ -90,8 +109,11 @@ def load_esm2(path_or_name: str | os.PathLike):
 
     # fair-esm picks the ESM-2 builder by the name's prefix; a renamed file is still ESM-2.
     model_name = path.stem if path.stem.startswith("esm2") else f"esm2_{path.stem}"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), skip_weight_init():
         warnings.filterwarnings("ignore", message="Regression weights not found")  # head unused
         model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
+    if regression_data is None:  # the contact head is never used; give it defined values
+        torch.nn.init.zeros_(model.contact_head.regression.weight)
+        torch.nn.init.zeros_(model.contact_head.regression.bias)
     model = model.float().eval().requires_grad_(False)
     return model, alphabet
