@@ -167,23 +167,29 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    stages = ["prepare_seconds", "model_load_seconds", "dnabert_s_seconds", "esm2_seconds", "merge_seconds", "classify_seconds"]
+    colors = dict(zip(stages, plt.get_cmap("tab10").colors))
+    labels, bottoms = [], []
     for wl in sorted({r["workload"] for r in records}):
         rs = sorted((r for r in records if r["workload"] == wl), key=lambda r: r["gpus"])
         g = [r["gpus"] for r in rs]
         ax1.plot(g, [r["esm2_tokens_per_s"] / rs[0]["esm2_tokens_per_s"] for r in rs], "o-", label=f"{wl} ESM-2 stage")
         ax1.plot(g, [rs[0]["e2e_seconds"] / r["e2e_seconds"] for r in rs], "s--", label=f"{wl} end to end")
-        stages = ["prepare_seconds", "model_load_seconds", "dnabert_s_seconds", "esm2_seconds", "merge_seconds", "classify_seconds"]
-        bottom = np.zeros(len(rs))
-        for st in stages:
-            vals = np.array([r[st] or 0.0 for r in rs])
-            ax2.bar([str(x) for x in g], vals, bottom=bottom, label=st.replace("_seconds", ""))
-            bottom += vals
+        for r in rs:
+            x = len(labels)
+            labels.append(f"{wl}\n{r['gpus']} GPU")
+            bottom = 0.0
+            for st in stages:
+                v = r[st] or 0.0
+                ax2.bar(x, v, bottom=bottom, color=colors[st], label=st.replace("_seconds", "") if x == 0 else None)
+                bottom += v
+            ax2.plot([x - 0.4, x + 0.4], [r["e2e_seconds"]] * 2, "k-", label="end to end (wall)" if x == 0 else None)
+    ax2.set_xticks(range(len(labels)), labels, fontsize=8)
     top = max(r["gpus"] for r in records)
     ax1.plot([1, top], [1, top], ":", color="gray", label="ideal")
     ax1.set_xlabel("GPUs")
     ax1.set_ylabel("speed-up over 1 GPU")
     ax1.legend(fontsize=8)
-    ax2.set_xlabel("GPUs")
     ax2.set_ylabel("seconds (slowest rank per stage)")
     ax2.legend(fontsize=8)
     fig.suptitle(f"virnuc-ds scaling, {records[0]['gpu']}")
