@@ -58,17 +58,8 @@ def long_proteins(count: int, length: int = 1022, seed: int = 1) -> list[str]:
     return [AMINO_ACIDS[rng.integers(0, 20, size=length)].tobytes().decode() for _ in range(count)]
 
 
-def plan_batches(token_counts, toks_per_batch: int) -> list[np.ndarray]:
-    """Longest first; a batch's padded size B * T_max <= toks_per_batch (one sequence alone if it
-    is longer), as fair-esm's get_batch_indices and virnuc_ds.embed.esm2 batch."""
-    counts = np.asarray(token_counts, dtype=np.int64)
-    order = np.argsort(-counts, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        size = max(1, toks_per_batch // int(counts[order[start]]))
-        batches.append(order[start:start + size])
-        start += size
-    return batches
+# the product's own batching, so benchmarks time the batches the runner makes
+from virnuc_ds.embed.esm2 import plan_token_batches as plan_batches  # noqa: E402
 
 
 class Tokenizer:

@@ -63,3 +63,14 @@ def test_import_legacy_of_a_non_torch_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "x_DNABERT_S.pt: not a readable torch file" in err
     assert not (tmp_path / "e.h5").exists()
+
+
+def test_writable_probe_does_not_collide_with_another_process(tmp_path):
+    """Ranks on several nodes probe one shared output folder at once and may share a pid."""
+    import os
+
+    from virnuc_ds.atomic import ensure_writable_dir
+
+    out = tmp_path / "shared"
+    (out / f".write-test-{os.getpid()}").mkdir(parents=True)  # another node's rank, same pid, mid-probe
+    assert ensure_writable_dir(out) == out

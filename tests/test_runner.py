@@ -124,6 +124,34 @@ def test_another_input_in_the_same_output_dir_is_refused(demo, one_rank, tmp_pat
     assert read_embeddings(out / "embeddings.h5").ids[0].startswith("x_chunk_1")
 
 
+def test_bad_input_leaves_no_manifest_so_the_corrected_input_runs(demo, tmp_path, capsys):
+    out, fasta = tmp_path / "out", tmp_path / "in.fa"
+    fasta.write_text(">a\nACGT\n>a\nACGT\n")
+    assert run_cli(demo, out, input_path=fasta) == 1
+    assert "duplicate record id" in capsys.readouterr().err
+    assert not (out / "run_manifest.json").exists(), "bad input must leave no partial output"
+    fasta.write_text(">a\n" + "ATG" * 120 + "\n")  # the user fixes the file and reruns the same command
+    assert run_cli(demo, out, input_path=fasta) == 0, capsys.readouterr().err
+
+
+def test_input_without_any_open_reading_frame_is_a_clear_error(demo, tmp_path, capsys):
+    out, fasta = tmp_path / "out", tmp_path / "in.fa"
+    fasta.write_text(">a\nAC\n>b\nNNNNNNN\n")  # no frame of one codon or more survives
+    assert run_cli(demo, out, input_path=fasta) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no open reading frame" in err and "Traceback" not in err
+    assert not (out / "run_manifest.json").exists() and not (out / "prep" / "identified_protein.faa").exists()
+
+
+def test_merge_reports_the_runs_own_chunk_length(demo, one_rank, tmp_path, capsys):
+    out = tmp_path / "merged"
+    shutil.copytree(one_rank, out)
+    cfg = tmp_path / "c300.yaml"  # a config for another chunk length must not relabel this run
+    cfg.write_text("prepare:\n  expected_length: 300\n")
+    assert main(["merge", "-o", str(out), "-c", str(cfg), "-p", str(demo["classifier"])]) == 0
+    assert json.loads((out / "run_report.json").read_text())["expected_length"] == 500
+
+
 def test_missing_model_names_where_it_looked(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"models:\n  esm2: {tmp_path / 'esm2_t36_3B_UR50D.pt'}\n")

@@ -56,6 +56,23 @@ def atomic_open(final: str | os.PathLike, mode: str = "w", **kwargs):
             yield fh
 
 
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create the folder if needed and prove it writable; InputError (one line) if not."""
+    from .errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # a unique name: ranks on several nodes probe one shared folder at once, and their pids
+        # can coincide (containers, PID namespaces); a shared name made one rank's unlink fail
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(folder, f"output folder is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Delete '.name.*.tmp' leftovers of writers killed mid-write; returns how many were removed."""
     removed = 0

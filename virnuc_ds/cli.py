@@ -19,15 +19,9 @@ log = logging.getLogger("virnuc_ds")
 
 
 def _writable_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(out, f"output folder is not writable ({exc.strerror or exc})") from None
-    return out
+    from .atomic import ensure_writable_dir
+
+    return ensure_writable_dir(path)
 
 
 def cmd_prepare(args) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_open, remove_stale_temporaries
+from .atomic import atomic_open, ensure_writable_dir, remove_stale_temporaries
 from .config import Config, load_config
 from .errors import EXIT_FAILURE, ConfigError, IncompleteError, InputError, InterruptedRun, VirnucError
 from .pipeline.distributed import RankContext, init_ranks
@@ -148,6 +148,7 @@ def _prepare_stage(cfg: Config, input_path: Path, out: Path, force: bool, facts_
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv"):
             (out / name).unlink(missing_ok=True)
+    new_manifest = not (out / MANIFEST).exists()
     check_or_write_manifest(out, fingerprint, facts, force)
     prep = out / PREP_DIR
     remove_stale_temporaries(prep)
@@ -156,7 +157,18 @@ def _prepare_stage(cfg: Config, input_path: Path, out: Path, force: bool, facts_
         log.info("prepare: reusing %s", prep)
         stats = None
     else:
-        stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers)
+        try:
+            stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers)
+            if stats.frames == 0:
+                shutil.rmtree(prep, ignore_errors=True)
+                raise InputError(input_path, f"no open reading frame: no {cfg.prepare.expected_length}-bp chunk has a "
+                                 "frame of at least one codon without a stop codon, so there is nothing to embed")
+        except BaseException:
+            # bad input leaves no partial output: without this, the corrected input is refused
+            # as "another input_sha256" on the rerun
+            if new_manifest:
+                (out / MANIFEST).unlink(missing_ok=True)
+            raise
         stats = stats.__dict__
     return {"fingerprint": fingerprint, "seconds": time.time() - t0, "stats": stats}
 
@@ -172,10 +184,7 @@ def run(args) -> int:
         input_path = Path(args.input)
         if not input_path.is_file():
             raise InputError(input_path, "file not found")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(out, f"output folder is not writable ({exc.strerror or exc})") from None
+        ensure_writable_dir(out)
 
         from .models.dnabert_s import resolve_dnabert_s_folder
         from .models.esm2 import resolve_esm2_checkpoint

@@ -29,6 +29,8 @@ def cmd_merge(args) -> int:
     cfg = load_config(args.config)
     if args.classifier:
         cfg.models.classifier = str(Path(args.classifier).resolve())
+    # the run's own chunk length (the report and plot use it), not the merge config's default
+    cfg.prepare.expected_length = facts["facts"].get("expected_length", cfg.prepare.expected_length)
     frames = read_frames_table(out / PREP_DIR)
     _finish(
         cfg, out, frames.ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),

@@ -35,6 +35,8 @@ def merge_parts(
     out = Path(output_dir)
     files = sorted((out / PARTS_DIR).glob("part-*.h5"))
     n = len(frame_ids)
+    if n == 0:
+        raise IncompleteError(f"{out}: the prepared frame list is empty (no open reading frame in the input); nothing to merge")
     filled = np.zeros(n, dtype=np.int64)
     dnabert = esm = None
     for path in files:

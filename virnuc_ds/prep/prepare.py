@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, ensure_writable_dir
 from ..errors import InputError
 from ..fasta import read_fasta
 from .chunking import chunk_sequence
@@ -92,14 +92,7 @@ def prepare(
     if expected_length not in EXPECTED_LENGTHS:
         raise InputError(input_fasta, f"expected length must be one of {EXPECTED_LENGTHS}, not {expected_length}")
     input_fasta = Path(input_fasta)
-    out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(out, f"output folder is not writable ({exc.strerror or exc})") from None
+    out = ensure_writable_dir(output_dir)
 
     workers = workers or default_workers()
     stats = PrepareStats()
