@@ -171,3 +171,18 @@ def test_parts_do_not_depend_on_world_size_and_are_token_balanced():
         loads = np.array([sum(p.cost for p in s) for s in shards])
         assert loads.max() <= loads.mean() * 1.03
         assert assign_parts(parts, world) == shards  # deterministic
+
+
+def test_settings_that_do_not_change_the_numbers_keep_the_fingerprint(demo, one_rank, tmp_path, capsys):
+    """On a CPU the kernels are never used, so turning them off must resume, not be refused."""
+    import yaml
+
+    out = tmp_path / "same"
+    shutil.copytree(one_rank, out)
+    cfg = yaml.safe_load(Path(demo["config"]).read_text())
+    cfg["models"] = {k: str(Path(demo["config"]).parent / v) for k, v in cfg["models"].items()}
+    cfg["esm2"].update({"replace_with_kernel_inject": False, "attention": "sdpa"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", "-c", str(tmp_path / "c.yaml"), "-i", str(SAMPLE), "-m", "500", "-o", str(out)]) == 0
+    assert "0 to compute" in capsys.readouterr().err

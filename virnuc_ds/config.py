@@ -55,7 +55,7 @@ class DnabertSConfig:
 class RunConfig:
     frames_per_part: int = 4096  # frames per rank-local HDF5 part: the unit of resume
     collective_timeout_minutes: int = 60  # a rank waiting longer than this at a barrier fails
-    fail_frames: list = field(default_factory=list)  # fault injection: frame ids to fail (tests)
+    fail_frames: list[str] = field(default_factory=list)  # fault injection: frame ids to fail (tests)
 
 
 @dataclass
@@ -91,8 +91,8 @@ def _check_value(where: str, value, kind):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
     elif origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     return value
 
 

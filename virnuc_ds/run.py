@@ -123,7 +123,9 @@ def on_main(ctx: RankContext, fn, *a, **kw):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the rank stops after the part in flight (finished parts are kept)."""
+    """SIGTERM/SIGINT set a flag; the rank stops after the part in flight (finished parts are kept).
+
+    A second signal stops at once (KeyboardInterrupt): parts are atomic, so nothing finished is lost."""
 
     def __init__(self):
         self.signal = None
@@ -131,7 +133,10 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
+        if self.signal:
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after the part in flight (send it again to stop now)", self.signal)
 
     def check(self, rank: int) -> None:
         if self.signal:
@@ -292,6 +297,8 @@ def _finish(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, a
         classify_s = time.time() - t0
         log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
     else:
+        for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # from an earlier run
+            (out / stale).unlink(missing_ok=True)
         log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
     report = {
         "virnuc_ds_version": __version__,

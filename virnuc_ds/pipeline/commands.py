@@ -32,9 +32,13 @@ def cmd_merge(args) -> int:
     # the run's own chunk length (the report and plot use it), not the merge config's default
     cfg.prepare.expected_length = facts["facts"].get("expected_length", cfg.prepare.expected_length)
     frames = read_frames_table(out / PREP_DIR)
+    report_path = out / "run_report.json"
+    earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
     _finish(
         cfg, out, frames.ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
-        facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"], [], {"fingerprint": facts["fingerprint"]},
+        facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"],
+        earlier.get("ranks", []),  # keep the run's own per-rank timings
+        earlier.get("prepare", {"fingerprint": facts["fingerprint"]}),
     )
     print(f"merged {len(frames)} frames into {out / EMBEDDINGS_H5}")
     return 0

@@ -42,7 +42,8 @@ def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, d
         "expected_length": cfg.prepare.expected_length,
         "esm2": model_identity(esm2_path),
         "dnabert_s": model_identity(dnabert_path),
-        "esm2_engine": f"deepspeed-{cfg.esm2.attention}" if cfg.esm2.replace_with_kernel_inject else "eager",
+        # what runs, not what was asked for: on a CPU the kernels are never used
+        "esm2_engine": f"deepspeed-{cfg.esm2.attention}" if dtypes.get("kernels") else "eager",
         "dtypes": dtypes,
         "max_residues": cfg.esm2.max_residues,
         "frames_per_part": cfg.run.frames_per_part,
