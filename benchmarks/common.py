@@ -59,7 +59,7 @@ def long_proteins(count: int, length: int = 1022, seed: int = 1) -> list[str]:
 
 
 # the product's own batching, so benchmarks time the batches the runner makes
-from virnuc_ds.embed.esm2 import plan_token_batches as plan_batches  # noqa: E402
+from virnuc_ds.embed.esm2 import plan_token_batches as plan_batches  # noqa: E402,F401
 
 
 class Tokenizer:

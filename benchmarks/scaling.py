@@ -169,7 +169,7 @@ def plot(records: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     stages = ["prepare_seconds", "model_load_seconds", "dnabert_s_seconds", "esm2_seconds", "merge_seconds", "classify_seconds"]
     colors = dict(zip(stages, plt.get_cmap("tab10").colors))
-    labels, bottoms = [], []
+    labels = []
     for wl in sorted({r["workload"] for r in records}):
         rs = sorted((r for r in records if r["workload"] == wl), key=lambda r: r["gpus"])
         g = [r["gpus"] for r in rs]

@@ -2,7 +2,6 @@
 
 import gzip
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, SAMPLE, cosine_rows, run_cli
+from conftest import ROOT, SAMPLE, cosine_rows
 from virnuc_ds.config import config_from_dict
 from virnuc_ds.errors import ConfigError, InputError
 from virnuc_ds.fasta import read_fasta

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, InputError, VirnucError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, VirnucError
 from .version import __version__
 
 log = logging.getLogger("virnuc_ds")

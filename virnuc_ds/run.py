@@ -16,47 +16,34 @@ Rerunning the same command resumes: finished parts are skipped. `--force` starts
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .atomic import atomic_open, ensure_writable_dir, remove_stale_temporaries
+from .atomic import ensure_writable_dir, remove_stale_temporaries
 from .config import Config, load_config
-from .errors import EXIT_FAILURE, ConfigError, IncompleteError, InputError, InterruptedRun, VirnucError
-from .pipeline.distributed import RankContext, init_ranks
+from .errors import EXIT_FAILURE, ConfigError, InputError, InterruptedRun, VirnucError
+from .pipeline.distributed import init_ranks
+from .pipeline.embed_part import embed_part, injected_fault_ids, load_embedders
 from .pipeline.fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
+from .pipeline.finish import FAILED_FILES, REPORT, finish_run
 from .pipeline.frames_table import read_frames_table
-from .pipeline.merge import EMBEDDINGS_H5, merge_parts
-from .pipeline.embed_part import embed_stage, injected_fault_ids
-from .pipeline.parts import (
-    PARTS_DIR,
-    failures_path,
-    finished_frames,
-    part_is_complete,
-    part_path,
-    read_failure_lines,
-    read_part,
-    write_part,
-)
+from .pipeline.merge import EMBEDDINGS_H5
+from .pipeline.parts import PARTS_DIR, part_is_complete
 from .pipeline.shard import assign_parts, plan_parts
-from .progress import ProgressReporter
-from .report import summarize
 from .prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, prepare
+from .progress import ProgressReporter
 from .version import __version__
 
 log = logging.getLogger("virnuc_ds.run")
 
 PREP_DIR = "prep"
-REPORT = "run_report.json"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -95,31 +82,6 @@ def apply_overrides(cfg: Config, args) -> Config:
     if cfg.models.classifier and not Path(cfg.models.classifier).is_file():
         raise InputError(cfg.models.classifier, "classifier checkpoint not found")
     return cfg
-
-
-def on_main(ctx: RankContext, fn, *a, **kw):
-    """Run fn on rank 0 and hand its result (or its error) to every rank, so no rank waits forever."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = fn(*a, **kw)
-        except VirnucError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised on rank 0
-            error = exc
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        box = [(result, None if error is None else (type(error).__name__, str(error), getattr(error, "exit_code", EXIT_FAILURE)))]
-        dist.broadcast_object_list(box, src=0)
-        result, err = box[0]
-        if err is not None and not ctx.is_main:
-            exc = VirnucError(f"rank 0 failed: {err[1]}")
-            exc.exit_code = err[2]
-            raise exc
-    if error is not None:
-        raise error
-    return result
 
 
 class StopFlag:
@@ -209,8 +171,8 @@ def run(args) -> int:
             )
 
         # 1. prepare (rank 0, with every core of its node), shared through the file system
-        prep_info = on_main(
-            ctx, _prepare_stage, cfg, input_path, out, args.force,
+        prep_info = ctx.on_main(
+            _prepare_stage, cfg, input_path, out, args.force,
             lambda digest: run_fingerprint(digest, cfg, str(esm2_path), str(dnabert_path), dtypes),
         )
         fingerprint = prep_info["fingerprint"]
@@ -230,7 +192,7 @@ def run(args) -> int:
         # 3. embed this rank's parts
         if todo:
             t0 = time.time()
-            embedders = _load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
+            embedders = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
             timings["model_load"] = time.time() - t0
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
             totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
@@ -255,124 +217,13 @@ def run(args) -> int:
         ctx.barrier("embeddings done")
         timings["rank_wall"] = _seconds_since_process_start()
         progress.close()
-        all_timings = _gather(ctx, timings)
-        on_main(ctx, _finish, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info)
+        all_timings = ctx.gather(timings)
+        ctx.on_main(finish_run, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info)
         return 0
     finally:
         if progress is not None:
             progress.close()
         ctx.close()
-
-
-FAILED_FILES = "failed_files.txt"
-
-
-def _collect_failures(out: Path) -> list[str]:
-    """Every part's failed frames, written to OUT/failed_files.txt (`item|stage|message`); removed when none."""
-    lines = [line for f in sorted((out / PARTS_DIR).glob("part-*.failed.txt")) for line in read_failure_lines(f)]
-    if lines:
-        with atomic_open(out / FAILED_FILES) as fh:
-            fh.write("".join(line + "\n" for line in lines))
-    else:
-        (out / FAILED_FILES).unlink(missing_ok=True)
-    return lines
-
-
-def _finish(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info):
-    t0 = time.time()
-    failures = _collect_failures(out)
-    failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
-    merge_parts(
-        out, frame_ids, fingerprint=fingerprint, failed_ids=failed_ids,
-        attrs={"esm2_model": str(esm2_path), "dnabert_s_model": str(dnabert_path), "dtype": json.dumps(dtypes), "fingerprint": fingerprint},
-    )
-    merge_s = time.time() - t0
-    classify_s = None
-    if cfg.models.classifier:
-        from .classify import classify_embeddings
-        from .store.embeddings import read_embeddings
-
-        t0 = time.time()
-        classify_embeddings(read_embeddings(out / EMBEDDINGS_H5), cfg.models.classifier, out, device=cfg.classify.device)
-        classify_s = time.time() - t0
-        log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
-    else:
-        for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # from an earlier run
-            (out / stale).unlink(missing_ok=True)
-        log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
-    report = {
-        "virnuc_ds_version": __version__,
-        "frames": len(frame_ids),
-        "fingerprint": fingerprint,
-        "dtypes": dtypes,
-        "prepare": prep_info,
-        "merge_seconds": merge_s,
-        "classify_seconds": classify_s,
-        "ranks": all_timings,
-    }
-    report["failed_frames"] = len(failed_ids)
-    report["expected_length"] = cfg.prepare.expected_length
-    report["versions"] = _versions()
-    with atomic_open(out / REPORT) as fh:
-        json.dump(report, fh, indent=2)
-    print(summarize(report, out), file=sys.stderr)
-    if failed_ids:
-        raise IncompleteError(
-            f"{len(failed_ids)} of {len(frame_ids)} frames failed and are missing from the results "
-            f"(listed in {out / FAILED_FILES}); rerun the same command to retry only them"
-        )
-
-
-def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:
-    """Compute the part's missing frames (all of them, or those that failed last time), write it."""
-    esm_embedder, dna_embedder, esm_width, dna_width = embedders
-    path = part_path(out, part.index)
-    have = finished_frames(path, fingerprint)
-    kept = read_part(path) if have is not None and len(have) else None
-    need = part.frames if kept is None else part.frames[~np.isin(part.frames, kept["frame_index"])]
-    ids = [frames.ids[i] for i in need]
-    t0 = time.time()
-    # injected faults (run.fail_frames) strike the ESM-2 stage only
-    dna, dna_failed = embed_stage(dna_embedder, "dnabert_s", ids, [frames.nucleotides[i] for i in need], frozenset(), dna_width)
-    _sync(device)
-    t1 = time.time()
-    proteins = [frames.proteins[i] for i in need]
-    esm, esm_failed = embed_stage(esm_embedder, "esm2", ids, proteins, fail_ids, esm_width)
-    _sync(device)
-    t2 = time.time()
-    failures = dna_failed + esm_failed
-    ok = np.isfinite(dna).all(1) & np.isfinite(esm).all(1)
-    rows_index, rows_ids, rows_dna, rows_esm = need[ok], [i for i, good in zip(ids, ok) if good], dna[ok], esm[ok]
-    if kept is not None:
-        rows_index = np.concatenate([kept["frame_index"], rows_index])
-        rows_ids = kept["ids"] + rows_ids
-        rows_dna = np.concatenate([kept["dnabert_s"], rows_dna])
-        rows_esm = np.concatenate([kept["esm2"], rows_esm])
-    position = {int(f): k for k, f in enumerate(part.frames)}
-    order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
-    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint)
-    failed_file = failures_path(out, part.index)
-    if failures:
-        with atomic_open(failed_file) as fh:
-            fh.write("".join(f.line() + "\n" for f in failures))
-    else:
-        failed_file.unlink(missing_ok=True)
-    tokens = sum(esm_embedder.token_count(p) for p in proteins)
-    return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "esm2_tokens": tokens, "failed_frames": len({f.item for f in failures})}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"virnuc-ds": __version__, "python": platform.python_version()}
-    for dist in ("torch", "deepspeed", "fair-esm", "transformers"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    if torch.version.cuda:
-        found["cuda"] = torch.version.cuda
-    return found
 
 
 def _test_hooks_after_part(n_done: int) -> None:
@@ -397,47 +248,11 @@ def _seconds_since_process_start() -> float:
         return 0.0
 
 
-def _gather(ctx: RankContext, timings: dict) -> list:
-    if not ctx.distributed:
-        return [timings]
-    import torch.distributed as dist
-
-    box = [None] * ctx.world_size
-    dist.all_gather_object(box, timings)
-    return box
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
     return "cpu"
-
-
-def _load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject):
-    from .embed.dnabert_s import DnabertSEmbedder
-    from .embed.esm2 import Esm2Embedder
-    from .models.dnabert_s import load_dnabert_s
-    from .models.esm2 import load_esm2
-
-    model, alphabet = load_esm2(esm2_path)
-    settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
-    try:
-        esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
-    except VirnucError as exc:
-        if not (kernel_inject and cfg.esm2.fallback_to_eager):
-            raise
-        log.warning("DeepSpeed kernels unavailable (%s); esm2.fallback_to_eager is set: running fair-esm eager", exc)
-        model, alphabet = load_esm2(esm2_path)  # the failed injection may have altered the weights
-        esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
-    dmodel, tokenizer = load_dnabert_s(dnabert_path)
-    dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
-    return esm, dna, model.embed_dim, dmodel.config.hidden_size
 
 
 def build_parser() -> argparse.ArgumentParser:

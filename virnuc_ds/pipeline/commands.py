@@ -16,7 +16,9 @@ def cmd_run(args) -> int:
 
 def cmd_merge(args) -> int:
     from ..errors import InputError
-    from ..run import EMBEDDINGS_H5, PREP_DIR, _finish
+    from ..pipeline.finish import finish_run
+    from ..pipeline.merge import EMBEDDINGS_H5
+    from ..run import PREP_DIR
     from ..pipeline.fingerprint import MANIFEST
     from ..pipeline.frames_table import read_frames_table
     from ..config import load_config
@@ -34,7 +36,7 @@ def cmd_merge(args) -> int:
     frames = read_frames_table(out / PREP_DIR)
     report_path = out / "run_report.json"
     earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
-    _finish(
+    finish_run(
         cfg, out, frames.ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
         facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"],
         earlier.get("ranks", []),  # keep the run's own per-rank timings

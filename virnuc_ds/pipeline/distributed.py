@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import EXIT_FAILURE, VirnucError
+
 
 @dataclass
 class RankContext:
@@ -37,6 +39,35 @@ class RankContext:
             dist.monitored_barrier(wait_all_ranks=True)
         else:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def on_main(self, fn, *args, **kwargs):
+        """Run fn on rank 0 and hand its result (or its error) to every rank, so no rank waits forever."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised on rank 0
+                error = exc
+        if self.distributed:
+            failure = None if error is None else (str(error), getattr(error, "exit_code", EXIT_FAILURE))
+            box = [(result, failure)]
+            dist.broadcast_object_list(box, src=0)
+            result, failure = box[0]
+            if failure is not None and not self.is_main:
+                exc = VirnucError(f"rank 0 failed: {failure[0]}")
+                exc.exit_code = failure[1]
+                raise exc
+        if error is not None:
+            raise error
+        return result
+
+    def gather(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        box = [None] * self.world_size
+        dist.all_gather_object(box, obj)
+        return box
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -1,4 +1,5 @@
-"""Embed one part: DNABERT-S and ESM-2 with fault isolation and out-of-memory recovery.
+"""Embed one part: load the embedders, run DNABERT-S and ESM-2 with fault isolation and
+out-of-memory recovery, write the part.
 
 - A batch that raises is retried one frame at a time, so one bad record costs only itself: the
   frames that still fail are returned as FrameFailure(item, stage, message) and listed by the run in
@@ -14,11 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_open
+from ..errors import VirnucError
+from .parts import failures_path, finished_frames, part_path, read_part, write_part
 
 log = logging.getLogger("virnuc_ds.run")
 
@@ -92,3 +99,68 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
         if r is not None:
             out[k] = r
     return out, failures
+
+
+def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject):
+    """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device."""
+    from ..embed.dnabert_s import DnabertSEmbedder
+    from ..embed.esm2 import Esm2Embedder
+    from ..models.dnabert_s import load_dnabert_s
+    from ..models.esm2 import load_esm2
+
+    model, alphabet = load_esm2(esm2_path)
+    settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
+    try:
+        esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
+    except VirnucError as exc:
+        if not (kernel_inject and cfg.esm2.fallback_to_eager):
+            raise
+        log.warning("DeepSpeed kernels unavailable (%s); esm2.fallback_to_eager is set: running fair-esm eager", exc)
+        model, alphabet = load_esm2(esm2_path)  # the failed injection may have altered the weights
+        esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
+    dmodel, tokenizer = load_dnabert_s(dnabert_path)
+    dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
+    return esm, dna, model.embed_dim, dmodel.config.hidden_size
+
+
+def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:
+    """Compute the part's missing frames (all of them, or those that failed last time), write it."""
+    esm_embedder, dna_embedder, esm_width, dna_width = embedders
+    path = part_path(out, part.index)
+    have = finished_frames(path, fingerprint)
+    kept = read_part(path) if have is not None and len(have) else None
+    need = part.frames if kept is None else part.frames[~np.isin(part.frames, kept["frame_index"])]
+    ids = [frames.ids[i] for i in need]
+    t0 = time.time()
+    # injected faults (run.fail_frames) strike the ESM-2 stage only
+    dna, dna_failed = embed_stage(dna_embedder, "dnabert_s", ids, [frames.nucleotides[i] for i in need], frozenset(), dna_width)
+    sync(device)
+    t1 = time.time()
+    proteins = [frames.proteins[i] for i in need]
+    esm, esm_failed = embed_stage(esm_embedder, "esm2", ids, proteins, fail_ids, esm_width)
+    sync(device)
+    t2 = time.time()
+    failures = dna_failed + esm_failed
+    ok = np.isfinite(dna).all(1) & np.isfinite(esm).all(1)
+    rows_index, rows_ids, rows_dna, rows_esm = need[ok], [i for i, good in zip(ids, ok) if good], dna[ok], esm[ok]
+    if kept is not None:
+        rows_index = np.concatenate([kept["frame_index"], rows_index])
+        rows_ids = kept["ids"] + rows_ids
+        rows_dna = np.concatenate([kept["dnabert_s"], rows_dna])
+        rows_esm = np.concatenate([kept["esm2"], rows_esm])
+    position = {int(f): k for k, f in enumerate(part.frames)}
+    order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
+    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint)
+    failed_file = failures_path(out, part.index)
+    if failures:
+        with atomic_open(failed_file) as fh:
+            fh.write("".join(f.line() + "\n" for f in failures))
+    else:
+        failed_file.unlink(missing_ok=True)
+    tokens = sum(esm_embedder.token_count(p) for p in proteins)
+    return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "esm2_tokens": tokens, "failed_frames": len({f.item for f in failures})}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

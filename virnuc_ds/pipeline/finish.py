@@ -1,0 +1,99 @@
+"""The end of a run (rank 0): merge the parts, check completeness, classify, write the report.
+
+OUT/failed_files.txt lists frames that failed (`item|stage|message`); when there are any, the
+results hold the rest and the run ends with IncompleteError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_open
+from ..errors import IncompleteError
+from ..report import summarize
+from ..version import __version__
+from .merge import EMBEDDINGS_H5, merge_parts
+from .parts import PARTS_DIR, read_failure_lines
+
+log = logging.getLogger("virnuc_ds.run")
+
+REPORT = "run_report.json"
+FAILED_FILES = "failed_files.txt"
+
+
+def collect_failures(out: Path) -> list[str]:
+    """Every part's failed frames, written to OUT/failed_files.txt (`item|stage|message`); removed when none."""
+    lines = [line for f in sorted((out / PARTS_DIR).glob("part-*.failed.txt")) for line in read_failure_lines(f)]
+    if lines:
+        with atomic_open(out / FAILED_FILES) as fh:
+            fh.write("".join(line + "\n" for line in lines))
+    else:
+        (out / FAILED_FILES).unlink(missing_ok=True)
+    return lines
+
+
+def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info):
+    """Rank 0, once every rank is done: merge + completeness check, classify, write the run report."""
+    t0 = time.time()
+    failures = collect_failures(out)
+    failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
+    merge_parts(
+        out, frame_ids, fingerprint=fingerprint, failed_ids=failed_ids,
+        attrs={"esm2_model": str(esm2_path), "dnabert_s_model": str(dnabert_path), "dtype": json.dumps(dtypes), "fingerprint": fingerprint},
+    )
+    merge_s = time.time() - t0
+    classify_s = None
+    if cfg.models.classifier:
+        from ..classify import classify_embeddings
+        from ..store.embeddings import read_embeddings
+
+        t0 = time.time()
+        classify_embeddings(read_embeddings(out / EMBEDDINGS_H5), cfg.models.classifier, out, device=cfg.classify.device)
+        classify_s = time.time() - t0
+        log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
+    else:
+        for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # from an earlier run
+            (out / stale).unlink(missing_ok=True)
+        log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
+    report = {
+        "virnuc_ds_version": __version__,
+        "frames": len(frame_ids),
+        "fingerprint": fingerprint,
+        "dtypes": dtypes,
+        "prepare": prep_info,
+        "merge_seconds": merge_s,
+        "classify_seconds": classify_s,
+        "ranks": all_timings,
+    }
+    report["failed_frames"] = len(failed_ids)
+    report["expected_length"] = cfg.prepare.expected_length
+    report["versions"] = versions()
+    with atomic_open(out / REPORT) as fh:
+        json.dump(report, fh, indent=2)
+    print(summarize(report, out), file=sys.stderr)
+    if failed_ids:
+        raise IncompleteError(
+            f"{len(failed_ids)} of {len(frame_ids)} frames failed and are missing from the results "
+            f"(listed in {out / FAILED_FILES}); rerun the same command to retry only them"
+        )
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"virnuc-ds": __version__, "python": platform.python_version()}
+    for dist in ("torch", "deepspeed", "fair-esm", "transformers"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        found["cuda"] = torch.version.cuda
+    return found
