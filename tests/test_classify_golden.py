@@ -84,3 +84,26 @@ def test_classify_on_batches_larger_than_one_call(golden, tmp_path):
     whole = predict_probabilities(model, x)
     parts = np.concatenate([predict_probabilities(model, x[:256]), predict_probabilities(model, x[256:512]), predict_probabilities(model, x[512:])])
     np.testing.assert_array_equal(whole, parts)
+
+
+def test_pickles_naming_other_torch_classes_load_but_foreign_code_is_refused(tmp_path):
+    """An original-style pickle from another torch version may name extra torch classes: accepted.
+    A pickle that names anything outside torch is refused, never executed."""
+    import pickle
+
+    torch.manual_seed(1)
+    model = MLPClassifier(20, 8, 2).eval()
+    model.extra_activation = torch.nn.ReLU()  # a torch class not in the weights-only allowlist
+    save_original_style(model, tmp_path / "other_torch.pth")
+    loaded = load_classifier(tmp_path / "other_torch.pth", expected_input_dim=20)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pth", "wb") as fh:
+        pickle.dump(Evil(), fh)
+    with pytest.raises(InputError, match="not a VirNucPro classifier checkpoint"):
+        load_classifier(tmp_path / "evil.pth")

@@ -13,6 +13,7 @@ Plain state_dicts (`model.state_dict()`) load too.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -62,6 +63,30 @@ _PICKLE_GLOBALS = [
 ]
 
 
+class _TorchOnlyUnpickler(pickle.Unpickler):
+    """Resolves `__main__.MLPClassifier` to the class above and refuses anything outside torch and
+    the standard containers, so a checkpoint cannot run arbitrary code."""
+
+    _ALLOWED_BUILTINS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "dict"), ("builtins", "list"),
+                         ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "bool")}
+
+    def find_class(self, module, name):
+        if (module, name) == ("__main__", "MLPClassifier"):
+            return MLPClassifier
+        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles (torch.save)
+        if module == "torch" or module.startswith("torch.") or (module, name) in self._ALLOWED_BUILTINS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a classifier checkpoint")
+
+
+class _TorchOnlyPickle:
+    """A pickle module for torch.load whose Unpickler is the restricted one above."""
+
+    Unpickler = _TorchOnlyUnpickler
+    load = staticmethod(lambda fh, **kw: _TorchOnlyUnpickler(fh, **kw).load())
+    __name__ = "virnuc_ds_torch_only_pickle"
+
+
 def _from_state_dict(state: dict) -> MLPClassifier:
     w = state.get("hidden_layer.weight")
     out = state.get("output_layer.weight")
@@ -84,8 +109,13 @@ def load_classifier(path: str | os.PathLike, expected_input_dim: int | None = OR
         with torch.serialization.safe_globals(_PICKLE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for an unexpected pickle
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"not a VirNucPro classifier checkpoint ({first})") from None
+        # Pickles from other torch versions can name a few more torch classes: retry with an
+        # unpickler that still only builds classes from torch and the standard containers.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TorchOnlyPickle)
+        except Exception:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InputError(path, f"not a VirNucPro classifier checkpoint ({first})") from None
     if isinstance(obj, MLPClassifier):
         model = obj
     elif isinstance(obj, dict):
