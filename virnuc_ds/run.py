@@ -219,7 +219,12 @@ def run(args) -> int:
         progress.close()
         all_timings = ctx.gather(timings)
         ctx.on_main(finish_run, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info)
+        ctx.close(drain=True)
         return 0
+    except BaseException as exc:
+        if getattr(exc, "all_ranks", False):  # e.g. frames failed (exit 2): all ranks are here together
+            ctx.close(drain=True)
+        raise
     finally:
         if progress is not None:
             progress.close()

@@ -56,8 +56,10 @@ class RankContext:
             if failure is not None and not self.is_main:
                 exc = VirnucError(f"rank 0 failed: {failure[0]}")
                 exc.exit_code = failure[1]
+                exc.all_ranks = True
                 raise exc
         if error is not None:
+            error.all_ranks = True  # every rank raises it at the same point: they can still leave together
             raise error
         return result
 
@@ -69,8 +71,13 @@ class RankContext:
         dist.all_gather_object(box, obj)
         return box
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """Tear down the process group (idempotent). drain=True, on a normal end only: a final
+        barrier first, so no rank tears down gloo while a peer still finishes a broadcast (that
+        can abort the process at exit). On an error path peers may be in another collective."""
         if self.distributed and dist.is_initialized():
+            if drain:
+                dist.barrier()
             dist.destroy_process_group()
 
 
