@@ -12,22 +12,17 @@ import os
 import sys
 from pathlib import Path
 
+from .atomic import ensure_writable_dir
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, VirnucError
 from .version import __version__
 
 log = logging.getLogger("virnuc_ds")
 
 
-def _writable_dir(path: str) -> Path:
-    from .atomic import ensure_writable_dir
-
-    return ensure_writable_dir(path)
-
-
 def cmd_prepare(args) -> int:
     from .prep.prepare import prepare
 
-    out = _writable_dir(args.output_dir)
+    out = ensure_writable_dir(args.output_dir)
     stats = prepare(args.input, args.expected_length, out, workers=args.workers)
     print(f"{stats.records} records -> {stats.chunks} chunks -> {stats.frames} frames in {out}")
     return 0
@@ -45,7 +40,7 @@ def cmd_import_legacy(args) -> int:
         emb = import_legacy(args.dnabert, args.esm)
     else:
         raise VirnucError("import-legacy needs --dnabert X_DNABERT_S.pt and --esm X_ESM.pt (or --merged X_merged.pt)")
-    _writable_dir(str(Path(args.output).parent))
+    ensure_writable_dir(str(Path(args.output).parent))
     write_embeddings(args.output, emb, dnabert_s_model="legacy", esm2_model="legacy", dtype="float32")
     print(f"imported {len(emb)} frames into {args.output}")
     return 0
@@ -56,7 +51,7 @@ def cmd_classify(args) -> int:
     from .store.embeddings import read_embeddings
 
     emb = read_embeddings(args.embeddings)
-    out = _writable_dir(args.output_dir)
+    out = ensure_writable_dir(args.output_dir)
     paths = classify_embeddings(emb, args.classifier, out, device=args.device)
     print(f"classified {len(emb)} frames: {paths[0]} and {paths[1]}")
     return 0

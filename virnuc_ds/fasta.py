@@ -125,9 +125,13 @@ class _IdHashes:
             self._blocks.append(np.array(self._current, dtype=np.int64))
             self._current = []
 
-    def has_duplicates(self) -> bool:
+    def repeated(self) -> set[int]:
+        """Hashes seen more than once."""
         hashes = np.sort(np.concatenate([*self._blocks, np.array(self._current, dtype=np.int64)]))
-        return bool(len(hashes) > 1 and (hashes[1:] == hashes[:-1]).any())
+        return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+
+    def has_duplicates(self) -> bool:
+        return bool(self.repeated())
 
 
 def _first_duplicate_id(path) -> str | None:
@@ -135,8 +139,7 @@ def _first_duplicate_id(path) -> str | None:
     hashes = _IdHashes()
     for rec in read_fasta(path, check_duplicates=False):
         hashes.add(rec.id)
-    all_hashes = np.sort(np.concatenate([*hashes._blocks, np.array(hashes._current, dtype=np.int64)]))
-    repeated = set(all_hashes[1:][all_hashes[1:] == all_hashes[:-1]].tolist())
+    repeated = hashes.repeated()
     for rec in read_fasta(path, check_duplicates=False):
         h = hash(rec.id)
         if h in repeated:

@@ -55,7 +55,8 @@ def merge_parts(
         dnabert[idx] = part["dnabert_s"]
         esm[idx] = part["esm2"]
         np.add.at(filled, idx, 1)
-    missing = np.flatnonzero((filled == 0) & ~np.isin(np.array(frame_ids, dtype=object), list(failed_ids)))
+    listed_failed = np.array([i in failed_ids for i in frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
+    missing = np.flatnonzero((filled == 0) & ~listed_failed)
     if len(missing) or (dnabert is None and len(failed_ids) < n):
         raise IncompleteError(
             f"{len(missing) if dnabert is not None else n} of {n} frames have no embeddings "

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from ..atomic import atomic_path
-from ..store.embeddings import _STR
+from ..store.embeddings import UTF8_STRING
 
 PARTS_DIR = "parts"
 
@@ -27,7 +27,7 @@ def write_part(path: Path, index: int, frame_index: np.ndarray, ids: list[str], 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("frame_index", data=np.asarray(frame_index, dtype=np.int64))
-            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=UTF8_STRING)
             f.create_dataset("dnabert_s", data=np.asarray(dnabert_s, dtype=np.float32))  # [n, H_dna]
             f.create_dataset("esm2", data=np.asarray(esm2, dtype=np.float32))  # [n, H_esm]
             f.attrs["part"] = index

@@ -28,7 +28,7 @@ FORMAT = "virnuc-ds embeddings"
 FORMAT_VERSION = 1
 ROWS_PER_CHUNK = 1024
 EMBEDDING_DATASETS = ("dnabert_s", "esm2")
-_STR = h5py.string_dtype(encoding="utf-8")
+UTF8_STRING = h5py.string_dtype(encoding="utf-8")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def write_embeddings(path: str | os.PathLike, emb: Embeddings, **attrs) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             n = len(emb)
-            f.create_dataset("ids", data=np.array(emb.ids, dtype=object), dtype=_STR)
+            f.create_dataset("ids", data=np.array(emb.ids, dtype=object), dtype=UTF8_STRING)
             for name in EMBEDDING_DATASETS:
                 data = getattr(emb, name)
                 f.create_dataset(
