@@ -10,9 +10,13 @@ efficiency against N=1, the load balance (GPU time of each rank against the mean
 tail of the slowest rank), and per-frame cosine / label agreement against N=1.
 
     python benchmarks/scaling.py --gpus 1,2 --workload contigs500 --esm-seconds 60 --out OUTDIR
-    # the issue's size (a 5-8 min ESM-2 stage on one GPU) in two device calls on one warm machine:
-    python benchmarks/scaling.py --gpus 1 --out $OUT/a
-    python benchmarks/scaling.py --gpus 2,4 --baseline benchmarks/results/<first>/scaling_summary.json --out $OUT/b
+    # the issue's size (a 5-8 min ESM-2 stage on one GPU): write models and samples once, then run
+    # jobs side by side on disjoint GPUs and cores, then combine (see benchmarks/NOTES.md):
+    python benchmarks/scaling.py --setup-only --out $OUT/setup
+    taskset -c 0-15  python benchmarks/scaling.py --gpus 1 --workload contigs500 --devices 0 --out $OUT/c1 &
+    taskset -c 16-31 python benchmarks/scaling.py --gpus 1 --workload reads150 --devices 1 --out $OUT/r1 &
+    ...; wait
+    python benchmarks/scaling.py --combine $OUT/c1 $OUT/r1 ... --out $OUT/summary
 
 Writes OUTDIR/scaling_raw.json, OUTDIR/scaling_summary.json (records: gpus, workload,
 esm2_tokens_per_s, e2e_seconds, per-stage seconds, gpu, commit, ...) and OUTDIR/scaling.png.
@@ -42,8 +46,18 @@ WORKLOADS = {
 }
 
 
-def write_models(folder: Path, seed: int = 0) -> dict:
-    """ESM-2 3B, DNABERT-S 117M and the classifier, random weights, real formats."""
+def write_models(folder: Path, seed: int = 0, tiny: bool = False) -> dict:
+    """ESM-2 3B, DNABERT-S 117M and the classifier, random weights, real formats (tiny: the demo
+    models, to rehearse the benchmark on a CPU)."""
+    if tiny:
+        from virnuc_ds.demo import write_demo_models
+
+        if not (folder / "demo.yaml").exists():
+            write_demo_models(folder, seed=seed)
+        from virnuc_ds.demo import DEMO_CLASSIFIER, DEMO_DNABERT_S
+
+        esm = next(folder.glob("esm2*.pt"))
+        return {"esm2": str(esm), "dnabert_s": str(folder / DEMO_DNABERT_S), "classifier": str(folder / DEMO_CLASSIFIER)}
     import argparse as ap
 
     import torch
@@ -101,26 +115,46 @@ def write_sample(path: Path, workload: str, target_tokens: float, seed: int = 1)
     return n
 
 
-def run_n(n: int, cfg: Path, sample: Path, length: int, out: Path, port: int) -> dict:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(port),
+def run_n(n: int, cfg: Path, sample: Path, length: int, out: Path, port: int, devices: list[int]) -> dict:
+    # --num_gpus N takes GPUs 0..N-1; other GPUs (a job beside another) through --include
+    on_gpus = devices == list(range(n)) or not _cuda()
+    select = ["--num_gpus", str(n)] if on_gpus else ["--include", "localhost:" + ",".join(map(str, devices))]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *select, "--master_port", str(port),
            "--module", "virnuc_ds.run", "-c", str(cfg), "-i", str(sample), "-m", str(length), "-o", str(out), "--force"]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     (out.parent / f"run_{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"N={n} failed (exit {proc.returncode}); log: {out.parent / f'run_{out.name}.log'}\n{proc.stderr[-3000:]}")
     report = json.loads((out / "run_report.json").read_text())
-    return {"wall": wall, "report": report}
+    return {"wall": wall, "report": report, "out_dir": str(out), "devices": devices, "command": " ".join(cmd)}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def summarize(n: int, workload: str, res: dict, base: dict | None, agreement: dict, meta: dict) -> dict:
+    """One record: the run's throughput, per-stage seconds and where its wall time went.
+
+    Stage times are each rank's own (the slowest rank's); prepare and model load overlap, so the
+    wall time of the non-GPU stages is taken from the timeline instead: `setup_seconds` (process
+    start to the first GPU batch, less interpreter start-up), plus `finish_seconds` (rank 0 after
+    the last part: waiting for the background merge and classification, writing the results)."""
     rep = res["report"]
     ranks = rep["ranks"]
     esm_busy = [r.get("esm2", 0.0) for r in ranks]
     gpu_busy = [r.get("esm2", 0.0) + r.get("dnabert_s", 0.0) for r in ranks]
     tokens = sum(r.get("esm2_tokens", 0) for r in ranks)
     esm_wall = max(esm_busy)
+    startup = max(r.get("startup", 0.0) for r in ranks)
+    setup = max(r.get("ready", 0.0) - r.get("startup", 0.0) for r in ranks)
+    gpu_stage_wall = max(r.get("embedded", 0.0) - r.get("ready", 0.0) for r in ranks)
     rec = {
         "gpus": n,
         "workload": workload,
@@ -135,31 +169,70 @@ def summarize(n: int, workload: str, res: dict, base: dict | None, agreement: di
         "esm2_seconds": esm_wall,
         "merge_seconds": rep["merge_seconds"],
         "classify_seconds": rep["classify_seconds"],
+        "startup_seconds": startup,
+        "setup_seconds": setup,
+        "gpu_stage_wall_seconds": gpu_stage_wall,
+        "finish_seconds": rep["merge_seconds"],
         "rank_gpu_seconds": gpu_busy,
         "load_balance_max_dev_pct": 100 * (max(gpu_busy) / np.mean(gpu_busy) - 1),
         "slowest_rank_idle_tail_s": max(gpu_busy) - min(gpu_busy),
+        "devices": res.get("devices"),
         **agreement,
         **meta,
     }
+    rec["non_gpu_stage_seconds"] = setup + rec["finish_seconds"]
+    rec["non_gpu_stage_fraction"] = rec["non_gpu_stage_seconds"] / rec["e2e_seconds"]
+    rec["launcher_and_startup_seconds"] = res["wall"] - setup - gpu_stage_wall - rec["finish_seconds"]
     if base is not None:
-        rec["esm2_speedup_vs_1"] = rec["esm2_tokens_per_s"] / base["esm2_tokens_per_s"]
-        rec["e2e_speedup_vs_1"] = base["e2e_seconds"] / rec["e2e_seconds"]
-        rec["esm2_scaling_efficiency"] = rec["esm2_speedup_vs_1"] / n
-    non_gpu = rec["prepare_seconds"] + rec["model_load_seconds"] + rec["merge_seconds"] + (rec["classify_seconds"] or 0)
-    rec["non_gpu_stage_fraction"] = non_gpu / rec["e2e_seconds"]
+        add_speedups(rec, base)
     return rec
 
 
-def compare(a: Path, b: Path) -> dict:
-    from virnuc_ds.store.embeddings import read_embeddings
+def add_speedups(rec: dict, base: dict) -> None:
+    rec["esm2_speedup_vs_1"] = rec["esm2_tokens_per_s"] / base["esm2_tokens_per_s"]
+    rec["e2e_speedup_vs_1"] = base["e2e_seconds"] / rec["e2e_seconds"]
+    rec["esm2_scaling_efficiency"] = rec["esm2_speedup_vs_1"] / rec["gpus"]
 
-    ea, eb = read_embeddings(a / "embeddings.h5"), read_embeddings(b / "embeddings.h5")
-    assert ea.ids == eb.ids, "frame ids differ between runs"
-    fa, fb = ea.features(), eb.features()
-    cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
+
+def combine(folders: list[Path], out: Path) -> list[dict]:
+    """Records of several calls (jobs run side by side) -> one summary with speed-ups against the
+    1-GPU record of the same workload and per-frame agreement against its output."""
+    records, raw = [], {}
+    for folder in folders:
+        records += json.loads((folder / "scaling_summary.json").read_text())
+        raw.update(json.loads((folder / "scaling_raw.json").read_text()))
+    records.sort(key=lambda r: (r["workload"], r["gpus"]))
+    for rec in records:
+        base = next((r for r in records if r["workload"] == rec["workload"] and r["gpus"] == 1), None)
+        if base is None or base is rec:
+            continue
+        add_speedups(rec, base)
+        a, b = Path(raw[f"{base['workload']}_1"]["out_dir"]), Path(raw[f"{rec['workload']}_{rec['gpus']}"]["out_dir"])
+        if (a / "embeddings.h5").exists() and (b / "embeddings.h5").exists():
+            rec.update(compare(a, b))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
+    (out / "scaling_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+    plot(records, out / "scaling.png")
+    return records
+
+
+def compare(a: Path, b: Path, rows_per_block: int = 65536) -> dict:
+    """Per-frame cosine of the two runs' features and their labels (read in blocks: the
+    embeddings of a large sample do not fit twice in memory)."""
+    import h5py
+
+    min_cos = 1.0
+    with h5py.File(a / "embeddings.h5") as fa, h5py.File(b / "embeddings.h5") as fb:
+        assert fa["ids"].shape == fb["ids"].shape and (fa["ids"][()] == fb["ids"][()]).all(), "frame ids differ between runs"
+        for start in range(0, fa["ids"].shape[0], rows_per_block):
+            xa = np.concatenate([fa[k][start:start + rows_per_block] for k in ("dnabert_s", "esm2")], axis=1)
+            xb = np.concatenate([fb[k][start:start + rows_per_block] for k in ("dnabert_s", "esm2")], axis=1)
+            cos = (xa * xb).sum(1) / (np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1))
+            min_cos = min(min_cos, float(cos.min()))
     lab = lambda p: [r.split("\t")[1] for r in (p / "prediction_results.txt").read_text().splitlines()[1:]]
     la, lb = lab(a), lab(b)
-    return {"min_cosine_vs_1gpu": float(cos.min()), "labels_identical_vs_1gpu": la == lb,
+    return {"min_cosine_vs_1gpu": min_cos, "labels_identical_vs_1gpu": la == lb,
             "label_agreement_vs_1gpu": float(np.mean([x == y for x, y in zip(la, lb)]))}
 
 
@@ -170,7 +243,14 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    stages = ["prepare_seconds", "model_load_seconds", "dnabert_s_seconds", "esm2_seconds", "merge_seconds", "classify_seconds"]
+    # the timeline of the run's wall time (prepare and model load overlap inside "setup")
+    def timeline(r):
+        other_gpu = max(0.0, r.get("gpu_stage_wall_seconds", 0.0) - r["dnabert_s_seconds"] - r["esm2_seconds"])
+        return {"launcher + interpreter start": r.get("launcher_and_startup_seconds", 0.0),
+                "setup: prepare || model load, plan": r.get("setup_seconds", 0.0),
+                "DNABERT-S": r["dnabert_s_seconds"], "ESM-2": r["esm2_seconds"], "part writes, gaps": other_gpu,
+                "finish: merge + classify tail": r.get("finish_seconds", 0.0)}
+    stages = list(timeline(records[0]))
     colors = dict(zip(stages, plt.get_cmap("tab10").colors))
     labels = []
     for wl in sorted({r["workload"] for r in records}):
@@ -182,9 +262,8 @@ def plot(records: list[dict], path: Path) -> None:
             x = len(labels)
             labels.append(f"{wl}\n{r['gpus']} GPU")
             bottom = 0.0
-            for st in stages:
-                v = r[st] or 0.0
-                ax2.bar(x, v, bottom=bottom, color=colors[st], label=st.replace("_seconds", "") if x == 0 else None)
+            for st, v in timeline(r).items():
+                ax2.bar(x, v, bottom=bottom, color=colors[st], label=st if x == 0 else None)
                 bottom += v
             ax2.plot([x - 0.4, x + 0.4], [r["e2e_seconds"]] * 2, "k-", label="end to end (wall)" if x == 0 else None)
     ax2.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -193,11 +272,19 @@ def plot(records: list[dict], path: Path) -> None:
     ax1.set_xlabel("GPUs")
     ax1.set_ylabel("speed-up over 1 GPU")
     ax1.legend(fontsize=8)
-    ax2.set_ylabel("seconds (slowest rank per stage)")
+    ax2.set_ylabel("seconds of wall time (slowest rank)")
     ax2.legend(fontsize=8)
     fig.suptitle(f"virnuc-ds scaling, {records[0]['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_table(records: list[dict]) -> None:
+    print("\ngpus workload   ESM2 tok/s  speedup  e2e s  e2e speedup  non-GPU%  balance%  min cos  labels")
+    for r in records:
+        print(f"{r['gpus']:>4} {r['workload']:<10} {r['esm2_tokens_per_s']:>10.0f}  {r.get('esm2_speedup_vs_1', 1):>6.2f}x "
+              f"{r['e2e_seconds']:>6.1f}  {r.get('e2e_speedup_vs_1', 1):>10.2f}x  {100 * r['non_gpu_stage_fraction']:>7.1f}  "
+              f"{r['load_balance_max_dev_pct']:>7.2f}  {r.get('min_cosine_vs_1gpu', 1):.6f}  {r.get('labels_identical_vs_1gpu', True)}")
 
 
 def main() -> None:
@@ -208,64 +295,79 @@ def main() -> None:
     p.add_argument("--tokens-per-s", type=float, default=82_000, help="one GPU's ESM-2 rate used for sizing")
     p.add_argument("--work", default="/tmp/virnuc_scaling")
     p.add_argument("--out", required=True)
+    p.add_argument("--devices", help="GPU ids the runs use, e.g. 2,3 (default: 0..N-1); a job beside another takes other GPUs")
+    p.add_argument("--port", type=int, default=29600, help="first rendezvous port (jobs side by side need their own)")
+    p.add_argument("--setup-only", action="store_true", help="write the models and the --workload samples, build the op, stop")
+    p.add_argument("--combine", nargs="+", type=Path, help="output folders of earlier calls: one summary, speed-ups, agreement, plot")
+    p.add_argument("--tiny", action="store_true", help="the demo models instead of the real architectures (a CPU rehearsal)")
     p.add_argument("--baseline", help="scaling_summary.json of an earlier call holding the 1-GPU records")
     p.add_argument("--attention", default=None, help="esm2.attention to set in the config (default: the product default)")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.combine:
+        print_table(combine(args.combine, out))
+        return
     import torch
 
-    work, out = Path(args.work), Path(args.out)
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models = write_models(work / "models")
+    models = write_models(work / "models", tiny=args.tiny)
     models_s = time.time() - t0
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()"], check=True,
-                   env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+    if torch.cuda.is_available():
+        subprocess.run([sys.executable, "-c", "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()"], check=True,
+                       env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
     build_s = time.time() - t0
+    workloads = args.workload.split(",")
+    for workload in workloads:
+        sample = work / f"{workload}.fa"
+        if not sample.exists():
+            write_sample(sample, workload, args.esm_seconds * args.tokens_per_s)
+    if args.setup_only:
+        (out / "setup.json").write_text(json.dumps({"model_write_seconds": models_s, "kernel_build_seconds_once": build_s}))
+        print(f"models written in {models_s:.1f} s, op built in {build_s:.1f} s, samples in {work}")
+        return
     # the device copy of the tree has no .git: the caller passes the commit in VIRNUC_DS_COMMIT
     commit = os.environ.get("VIRNUC_DS_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     meta = {
-        "gpu": torch.cuda.get_device_name(0), "commit": commit, "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (rehearsal)", "commit": commit, "torch": torch.__version__,
         "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version(),
         "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "command": " ".join(sys.argv),
+        "cpus": len(os.sched_getaffinity(0)),
     }
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else []
     records, raw = [], {}
-    for w, workload in enumerate(args.workload.split(",")):
+    for w, workload in enumerate(workloads):
         length = WORKLOADS[workload][0]
         sample = work / f"{workload}.fa"
-        n_seqs = write_sample(sample, workload, args.esm_seconds * args.tokens_per_s)
-        cfg = work / "scaling.json"
+        n_seqs = sum(1 for line in open(sample) if line.startswith(">"))
+        cfg = work / f"scaling_{workload}_{args.port}.json"
         esm_cfg = {"toks_per_batch": 65536}
         if args.attention:
             esm_cfg["attention"] = args.attention
         cfg.write_text(json.dumps({"models": models, "esm2": esm_cfg, "run": {"frames_per_part": 2048}}))
-        # The 1-GPU record may come from an earlier call (--baseline): a 5-8 min one-GPU run and the
-        # multi-GPU runs do not fit one 10-minute device command. Its output folder is compared
-        # against when it is still on this machine (a warm machine keeps --work between calls).
         earlier = [r for r in baseline if r["workload"] == workload and r["gpus"] == 1]
         base_rec = earlier[0] if earlier else None
         base_out = work / f"out_{workload}_1" if base_rec and (work / f"out_{workload}_1" / "embeddings.h5").exists() else None
         for i, n in enumerate(int(x) for x in args.gpus.split(",")):
+            devices = [int(d) for d in args.devices.split(",")][:n] if args.devices else list(range(n))
             run_out = work / f"out_{workload}_{n}"
-            res = run_n(n, cfg, sample, length, run_out, 29600 + 10 * w + i)
+            res = run_n(n, cfg, sample, length, run_out, args.port + 10 * w + i, devices)
             raw[f"{workload}_{n}"] = res
             agreement = compare(base_out, run_out) if base_out else {}
             rec = summarize(n, workload, res, base_rec, agreement, dict(meta, input_sequences=n_seqs))
             records.append(rec)
             base_out, base_rec = base_out or run_out, base_rec or rec
-            print(json.dumps({k: rec[k] for k in ("gpus", "workload", "esm2_tokens_per_s", "e2e_seconds", "esm2_seconds", "model_load_seconds")}), flush=True)
+            print(json.dumps({k: rec[k] for k in ("gpus", "workload", "esm2_tokens_per_s", "e2e_seconds", "esm2_seconds",
+                                                  "model_load_seconds", "setup_seconds", "finish_seconds")}), flush=True)
             # written after every run, so a run cut short still leaves its records
             (out / "scaling_raw.json").write_text(json.dumps(raw, indent=1, default=str))
             (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
     plot(records, out / "scaling.png")
-    print("\ngpus workload   ESM2 tok/s  speedup  e2e s  e2e speedup  balance%  min cos  labels")
-    for r in records:
-        print(f"{r['gpus']:>4} {r['workload']:<10} {r['esm2_tokens_per_s']:>10.0f}  {r.get('esm2_speedup_vs_1', 1):>6.2f}x "
-              f"{r['e2e_seconds']:>6.1f}  {r.get('e2e_speedup_vs_1', 1):>10.2f}x  {r['load_balance_max_dev_pct']:>7.2f}  "
-              f"{r.get('min_cosine_vs_1gpu', 1):.6f}  {r.get('labels_identical_vs_1gpu', True)}")
+    print_table(records)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,22 @@ def test_summary_comparison_and_plot_from_real_run_folders(one_rank, tmp_path):
         assert key in two
     scaling.plot([base, two], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_combining_side_by_side_jobs_gives_speedups_and_agreement(one_rank, tmp_path):
+    scaling = load("scaling")
+    report = json.loads((one_rank / "run_report.json").read_text())
+    meta = {"gpu": "test", "commit": "x"}
+    for n, wall, name in ((1, 12.0, "a"), (2, 7.0, "b")):
+        res = {"wall": wall, "report": report, "out_dir": str(one_rank)}
+        rec = scaling.summarize(n, "contigs500", res, None, {}, meta)
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "scaling_summary.json").write_text(json.dumps([rec]))
+        (folder / "scaling_raw.json").write_text(json.dumps({f"contigs500_{n}": res}))
+    records = scaling.combine([tmp_path / "b", tmp_path / "a"], tmp_path / "all")
+    assert [r["gpus"] for r in records] == [1, 2]
+    assert records[1]["e2e_speedup_vs_1"] == pytest.approx(12 / 7)
+    assert records[1]["min_cosine_vs_1gpu"] == pytest.approx(1.0) and records[1]["labels_identical_vs_1gpu"]
+    assert 0 < records[1]["non_gpu_stage_fraction"] < 1 and records[1]["setup_seconds"] > 0
+    assert (tmp_path / "all" / "scaling.png").stat().st_size > 10_000

@@ -56,6 +56,7 @@ class RunConfig:
     frames_per_part: int = 4096  # frames per rank-local HDF5 part: the unit of resume
     collective_timeout_minutes: int = 60  # a rank waiting longer than this at a barrier fails
     fail_frames: list[str] = field(default_factory=list)  # fault injection: frame ids to fail (tests)
+    background_merge: bool = True  # rank 0 merges and classifies finished parts while the GPUs compute
 
 
 @dataclass

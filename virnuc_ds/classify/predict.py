@@ -54,12 +54,23 @@ def labels_of(probabilities: np.ndarray) -> list[str]:
     return [LABELS[int(k)] for k in winners]
 
 
-def write_prediction_results(path: str | os.PathLike, ids: list[str], probabilities: np.ndarray) -> None:
-    labels = labels_of(probabilities)
+RESULTS_HEADER = "Sequence_ID\tPrediction\tscore1\tscore2\n"
+
+
+def prediction_line(rid: str, probabilities: np.ndarray) -> str:
+    """One row of prediction_results.txt for a frame's two probabilities (newline included)."""
+    p0, p1 = np.float32(probabilities[0]), np.float32(probabilities[1])
+    return f"{rid}\t{LABELS[int(p1 > p0)]}\t{str(p0)}\t{str(p1)}\n"
+
+
+def write_prediction_lines(path: str | os.PathLike, lines: list[str]) -> None:
     with atomic_open(path, "w") as fh:
-        fh.write("Sequence_ID\tPrediction\tscore1\tscore2\n")
-        for rid, label, (p0, p1) in zip(ids, labels, probabilities):
-            fh.write(f"{rid}\t{label}\t{str(np.float32(p0))}\t{str(np.float32(p1))}\n")
+        fh.write(RESULTS_HEADER)
+        fh.writelines(lines)
+
+
+def write_prediction_results(path: str | os.PathLike, ids: list[str], probabilities: np.ndarray) -> None:
+    write_prediction_lines(path, [prediction_line(rid, p) for rid, p in zip(ids, probabilities)])
 
 
 def highest_score_table(ids: list[str], probabilities: np.ndarray) -> list[tuple[str, bool]]:

@@ -20,7 +20,7 @@ def cmd_merge(args) -> int:
     from ..pipeline.merge import EMBEDDINGS_H5
     from ..run import PREP_DIR
     from ..pipeline.fingerprint import MANIFEST
-    from ..pipeline.frames_table import read_frames_table
+    from ..pipeline.frames_table import read_frame_ids
     from ..config import load_config
 
     out = Path(args.output_dir)
@@ -33,16 +33,16 @@ def cmd_merge(args) -> int:
         cfg.models.classifier = str(Path(args.classifier).resolve())
     # the run's own chunk length (the report and plot use it), not the merge config's default
     cfg.prepare.expected_length = facts["facts"].get("expected_length", cfg.prepare.expected_length)
-    frames = read_frames_table(out / PREP_DIR)
+    frame_ids = read_frame_ids(out / PREP_DIR)
     report_path = out / "run_report.json"
     earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
     finish_run(
-        cfg, out, frames.ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
+        cfg, out, frame_ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
         facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"],
         earlier.get("ranks", []),  # keep the run's own per-rank timings
         earlier.get("prepare", {"fingerprint": facts["fingerprint"]}),
     )
-    print(f"merged {len(frames)} frames into {out / EMBEDDINGS_H5}")
+    print(f"merged {len(frame_ids)} frames into {out / EMBEDDINGS_H5}")
     return 0
 
 

@@ -101,6 +101,17 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
     return out, failures
 
 
+def _esm2_staging_device(esm2_path, device: torch.device) -> torch.device:
+    """Where fair-esm's fp32 model is built before the embedder takes its weights: the GPU itself
+    when it has room for five times the checkpoint file (fp32 model from an fp16 file, the compute
+    copy, the kernel workspace): one host-to-device copy of the file and no CPU copy of the model.
+    Else the CPU."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 5 * Path(esm2_path).stat().st_size < free else torch.device("cpu")
+
+
 def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject):
     """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device."""
     from ..embed.dnabert_s import DnabertSEmbedder
@@ -108,7 +119,10 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     from ..models.dnabert_s import load_dnabert_s
     from ..models.esm2 import load_esm2
 
-    model, alphabet = load_esm2(esm2_path)
+    staging = _esm2_staging_device(esm2_path, device)
+    t0 = time.time()
+    model, alphabet = load_esm2(esm2_path, staging)
+    log.info("ESM-2 weights loaded onto %s in %.1f s", staging, time.time() - t0)
     settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
     try:
         esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
@@ -118,9 +132,13 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
         log.warning("DeepSpeed kernels unavailable (%s); esm2.fallback_to_eager is set: running fair-esm eager", exc)
         model, alphabet = load_esm2(esm2_path)  # the failed injection may have altered the weights
         esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
+    esm_width = model.embed_dim
+    del model  # the embedder holds its own copy of the weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     dmodel, tokenizer = load_dnabert_s(dnabert_path)
     dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
-    return esm, dna, model.embed_dim, dmodel.config.hidden_size
+    return esm, dna, esm_width, dmodel.config.hidden_size
 
 
 def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:

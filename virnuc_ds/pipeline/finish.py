@@ -39,29 +39,31 @@ def collect_failures(out: Path) -> list[str]:
     return lines
 
 
-def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info):
-    """Rank 0, once every rank is done: merge + completeness check, classify, write the run report."""
+def merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint) -> dict:
+    return {"esm2_model": str(esm2_path), "dnabert_s_model": str(dnabert_path), "dtype": json.dumps(dtypes), "fingerprint": fingerprint}
+
+
+def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info,
+               background_merge=None):
+    """Rank 0, once every rank is done: merge + completeness check, classify, write the run report.
+
+    background_merge: the BackgroundMerge that took parts up while the ranks computed; without one
+    (or if it died) the parts are merged and classified here."""
     t0 = time.time()
     failures = collect_failures(out)
     failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
-    merge_parts(
-        out, frame_ids, fingerprint=fingerprint, failed_ids=failed_ids,
-        attrs={"esm2_model": str(esm2_path), "dnabert_s_model": str(dnabert_path), "dtype": json.dumps(dtypes), "fingerprint": fingerprint},
-    )
-    merge_s = time.time() - t0
-    classify_s = None
+    merged = background_merge.finish() if background_merge is not None else None
+    if merged is None:
+        merged = merge_parts(out, frame_ids, merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint), fingerprint,
+                             failed_ids, cfg.models.classifier, cfg.classify.device)
+    merge_s = time.time() - t0  # the wait for the merge after the last part (the whole merge without a background one)
     if cfg.models.classifier:
-        from ..classify import classify_embeddings
-        from ..store.embeddings import read_embeddings
-
-        t0 = time.time()
-        classify_embeddings(read_embeddings(out / EMBEDDINGS_H5), cfg.models.classifier, out, device=cfg.classify.device)
-        classify_s = time.time() - t0
         log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
     else:
         for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # from an earlier run
             (out / stale).unlink(missing_ok=True)
         log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
+    classify_s = merged["classify_busy_seconds"] if cfg.models.classifier else None
     report = {
         "virnuc_ds_version": __version__,
         "frames": len(frame_ids),
@@ -70,6 +72,7 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
         "prepare": prep_info,
         "merge_seconds": merge_s,
         "classify_seconds": classify_s,
+        "merge": merged,
         "ranks": all_timings,
     }
     report["failed_frames"] = len(failed_ids)

@@ -1,4 +1,8 @@
-"""The prepared frames as parallel lists (ids, nucleotides, proteins), read from prepare's FASTA files."""
+"""The prepared frames as parallel lists (ids, nucleotides, proteins), read from prepare's FASTA files.
+
+prepare writes each record as exactly two lines (`>id`, sequence); such files are read with one
+split, ~10x faster than the general FASTA reader that every other file goes through.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +29,28 @@ class FramesTable:
         return np.fromiter((len(p) for p in self.proteins), dtype=np.int64, count=len(self.proteins))
 
 
+def read_prepared_fasta(path: Path) -> tuple[list[str], list[str]]:
+    """(ids, sequences) of a FASTA file written by prepare (two lines a record); any other layout
+    goes through the general reader."""
+    lines = path.read_text().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    headers, sequences = lines[0::2], lines[1::2]
+    if len(headers) == len(sequences) and all(h[:1] == ">" and " " not in h and "\t" not in h for h in headers) \
+            and not any(s[:1] == ">" for s in sequences):
+        return [h[1:] for h in headers], sequences
+    records = [(r.id, r.sequence) for r in read_fasta(path, allow_empty_file=True)]
+    return [i for i, _ in records], [s for _, s in records]
+
+
+def read_frame_ids(prep_dir: str | Path) -> list[str]:
+    return read_prepared_fasta(Path(prep_dir) / PROTEIN_FASTA)[0]
+
+
 def read_frames_table(prep_dir: str | Path) -> FramesTable:
     prep_dir = Path(prep_dir)
-    nuc = [(r.id, r.sequence) for r in read_fasta(prep_dir / NUCLEOTIDE_FASTA, allow_empty_file=True)]
-    prot = [(r.id, r.sequence) for r in read_fasta(prep_dir / PROTEIN_FASTA, allow_empty_file=True)]
-    if [i for i, _ in nuc] != [i for i, _ in prot]:
+    nuc_ids, nucleotides = read_prepared_fasta(prep_dir / NUCLEOTIDE_FASTA)
+    prot_ids, proteins = read_prepared_fasta(prep_dir / PROTEIN_FASTA)
+    if nuc_ids != prot_ids:
         raise IncompleteError(f"{prep_dir}: {NUCLEOTIDE_FASTA} and {PROTEIN_FASTA} list different frames; rerun with --force")
-    return FramesTable([i for i, _ in nuc], [s for _, s in nuc], [s for _, s in prot])
+    return FramesTable(nuc_ids, nucleotides, proteins)

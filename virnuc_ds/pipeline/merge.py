@@ -1,21 +1,40 @@
-"""Merge the part files into OUT/embeddings.h5 in frame order, and check completeness.
+"""Merge the part files into OUT/embeddings.h5 in frame order, classify, and check completeness.
 
-Complete means: every prepared frame has exactly one row, its id matches, and every value is finite.
-Anything else raises IncompleteError (exit code 2) naming what is missing or wrong.
+`MergeWriter` takes finished parts one at a time: it scatters their rows into a pre-allocated
+embeddings file (contiguous HDF5 datasets written through a memory map: the rows of a
+length-sorted part land all over the frame order), checks them (ids match the prepared frames,
+values finite) and, with a classifier, classifies them and formats their result lines. `finish()`
+checks completeness (every prepared frame has exactly one row, or is listed as failed), renames the
+file into place and writes the two result files. Memory stays at a part's size whatever the run's.
+
+During a run, rank 0 starts `BackgroundMerge`: the same writer in a separate process that picks
+parts up as the ranks finish them, so merging and classifying overlap the GPU work and the run ends
+a few parts after the last GPU batch. Anything else raises IncompleteError (exit code 2) naming what
+is missing or wrong; nothing is left under a result's name unless complete.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
 import os
+import tempfile
+import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
-from ..errors import IncompleteError
-from ..store.embeddings import Embeddings, write_embeddings
+from ..atomic import _fsync_dir
+from ..errors import EXIT_FAILURE, IncompleteError, VirnucError
+from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING
+from ..version import __version__
 from .parts import PARTS_DIR, read_part
 
+log = logging.getLogger("virnuc_ds.run")
+
 EMBEDDINGS_H5 = "embeddings.h5"
+POLL_SECONDS = 0.5
 
 
 def _examples(items, n=5) -> str:
@@ -24,54 +43,269 @@ def _examples(items, n=5) -> str:
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
-def merge_parts(
-    output_dir: str | os.PathLike,
-    frame_ids: list[str],
-    attrs: dict | None = None,
-    fingerprint: str | None = None,
-    failed_ids: frozenset[str] = frozenset(),
-) -> Path:
-    """Write OUT/embeddings.h5; frames in failed_ids (listed in failed_files.txt) may be absent."""
-    out = Path(output_dir)
-    files = sorted((out / PARTS_DIR).glob("part-*.h5"))
-    n = len(frame_ids)
-    if n == 0:
-        raise IncompleteError(f"{out}: the prepared frame list is empty (no open reading frame in the input); nothing to merge")
-    filled = np.zeros(n, dtype=np.int64)
-    dnabert = esm = None
-    for path in files:
+class MergeWriter:
+    """Scatter parts into a full-size embeddings file, classify their rows, then finish it."""
+
+    def __init__(self, output_dir, frame_ids: list[str], fingerprint: str | None, attrs: dict | None = None,
+                 classifier_path: str | None = None, classify_device: str = "auto"):
+        self.out = Path(output_dir)
+        self.frame_ids = frame_ids
+        self.fingerprint = fingerprint
+        self.attrs = dict(attrs or {})
+        n = len(frame_ids)
+        if n == 0:
+            raise IncompleteError(f"{self.out}: the prepared frame list is empty (no open reading frame in the input); nothing to merge")
+        self.filled = np.zeros(n, dtype=np.int64)  # rows each frame received
+        self.added: dict[Path, tuple[tuple, np.ndarray]] = {}  # part -> (stat key, its frame indices)
+        self.widths: dict[str, int] | None = None
+        self.maps: dict[str, np.memmap] = {}
+        self.tmp: Path | None = None
+        self.classifier = None
+        self.classifier_path = classifier_path
+        self.classify_device = classify_device
+        self.probabilities = np.full((n, 2), np.nan, dtype=np.float32) if classifier_path else None
+        self.lines: list[str | None] = [None] * n if classifier_path else []
+        self.busy = {"merge": 0.0, "classify": 0.0}
+
+    # -- the embeddings file ---------------------------------------------------------------
+    def _create(self, widths: dict[str, int]) -> None:
+        """Full-size contiguous datasets, allocated now and never filled, mapped into memory."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{EMBEDDINGS_H5}.", suffix=".tmp", dir=self.out)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        n = len(self.frame_ids)
+        offsets = {}
+        with h5py.File(self.tmp, "w") as f:
+            for name in EMBEDDING_DATASETS:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                space = h5py.h5s.create_simple((n, widths[name]))
+                dset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.IEEE_F32LE, space, dcpl=dcpl)
+                offsets[name] = dset.get_offset()
+        self.widths = widths
+        self.maps = {name: np.memmap(self.tmp, dtype="<f4", mode="r+", offset=offsets[name], shape=(n, widths[name]))
+                     for name in EMBEDDING_DATASETS}
+
+    def discard(self) -> None:
+        self.maps = {}
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+    # -- parts -----------------------------------------------------------------------------
+    def add_new_parts(self) -> int:
+        """Add every part file not added yet (or rewritten since); returns how many were added."""
+        added = 0
+        for path in sorted((self.out / PARTS_DIR).glob("part-*.h5")):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            earlier = self.added.get(path)
+            if earlier is not None and earlier[0] == key:
+                continue
+            if self.add_part(path, key):
+                added += 1
+        return added
+
+    def add_part(self, path: Path, key: tuple = ()) -> bool:
+        t0 = time.time()
         part = read_part(path)
-        if fingerprint is not None and part["fingerprint"] != fingerprint:
-            continue  # a part of another run's layout; it is not ours to merge
+        if self.fingerprint is not None and part["fingerprint"] != self.fingerprint:
+            return False  # a part of another run's layout; it is not ours to merge
+        n = len(self.frame_ids)
         idx = part["frame_index"]
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise IncompleteError(f"{path}: frame indices outside the {n} prepared frames")
-        wrong = [(i, a) for i, a in zip(idx, part["ids"]) if frame_ids[i] != a]
+        wrong = [(i, a) for i, a in zip(idx, part["ids"]) if self.frame_ids[i] != a]
         if wrong:
             raise IncompleteError(f"{path}: ids do not match the prepared frames, e.g. {wrong[0][1]!r}")
-        if dnabert is None:
-            dnabert = np.full((n, part["dnabert_s"].shape[1]), np.nan, dtype=np.float32)
-            esm = np.full((n, part["esm2"].shape[1]), np.nan, dtype=np.float32)
-        dnabert[idx] = part["dnabert_s"]
-        esm[idx] = part["esm2"]
-        np.add.at(filled, idx, 1)
-    listed_failed = np.array([i in failed_ids for i in frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
-    missing = np.flatnonzero((filled == 0) & ~listed_failed)
-    if len(missing) or (dnabert is None and len(failed_ids) < n):
-        raise IncompleteError(
-            f"{len(missing) if dnabert is not None else n} of {n} frames have no embeddings "
-            f"({_examples(frame_ids[i] for i in missing[:6]) if len(missing) else 'no part files'}); "
-            "rerun the same command to compute them"
+        finite = np.isfinite(part["dnabert_s"]).all(1) & np.isfinite(part["esm2"]).all(1)
+        if not finite.all():
+            bad = [part["ids"][k] for k in np.flatnonzero(~finite)]
+            raise IncompleteError(f"{len(bad)} frames have NaN or Inf embeddings ({_examples(bad)}) in {path}")
+        if self.widths is None:
+            self._create({name: part[name].shape[1] for name in EMBEDDING_DATASETS})
+        earlier = self.added.pop(path, None)
+        if earlier is not None:  # rewritten (a rerun retried its failed frames): replace its rows
+            np.subtract.at(self.filled, earlier[1], 1)
+        for name in EMBEDDING_DATASETS:
+            self.maps[name][idx] = part[name]
+        np.add.at(self.filled, idx, 1)
+        self.added[path] = (key, idx)
+        t1 = time.time()
+        self.busy["merge"] += t1 - t0
+        if self.classifier_path and len(idx):
+            self._classify(idx, part)
+            self.busy["classify"] += time.time() - t1
+        return True
+
+    def _classify(self, idx: np.ndarray, part: dict) -> None:
+        from ..classify import pick_device
+        from ..classify.mlp import load_classifier
+        from ..classify.predict import prediction_line, predict_probabilities
+
+        features = np.concatenate([part["dnabert_s"], part["esm2"]], axis=1)  # [n, H_dna + H_esm]
+        if self.classifier is None:
+            self.classify_device = pick_device(self.classify_device)
+            self.classifier = load_classifier(self.classifier_path, expected_input_dim=features.shape[1])
+        probs = predict_probabilities(self.classifier, features, device=self.classify_device)  # [n, 2]
+        self.probabilities[idx] = probs
+        for k, i in enumerate(idx):
+            self.lines[i] = prediction_line(self.frame_ids[i], probs[k])
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self, failed_ids: frozenset[str] = frozenset()) -> dict:
+        """Check completeness, put embeddings.h5 (and the result files) in place; returns stats."""
+        t0 = time.time()
+        n = len(self.frame_ids)
+        listed_failed = np.array([i in failed_ids for i in self.frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
+        missing = np.flatnonzero((self.filled == 0) & ~listed_failed)
+        if len(missing):
+            raise IncompleteError(
+                f"{len(missing)} of {n} frames have no embeddings "
+                f"({_examples(self.frame_ids[i] for i in missing[:6]) if self.added else 'no part files'}); "
+                "rerun the same command to compute them"
+            )
+        duplicated = np.flatnonzero(self.filled > 1)
+        if len(duplicated):
+            raise IncompleteError(f"{len(duplicated)} frames appear in several parts ({_examples(self.frame_ids[i] for i in duplicated[:6])})")
+        keep = self.filled > 0
+        if not keep.any():
+            raise IncompleteError(f"all {n} frames failed; see {self.out / 'failed_files.txt'}")
+        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "virnuc_ds_version": __version__, **self.attrs}
+        for mm in self.maps.values():
+            mm.flush()
+        self.maps = {}
+        final = self.out / EMBEDDINGS_H5
+        if keep.all():
+            with h5py.File(self.tmp, "r+") as f:
+                f.create_dataset("ids", data=np.array(self.frame_ids, dtype=object), dtype=UTF8_STRING)
+                for k, v in attrs.items():
+                    f.attrs[k] = "" if v is None else v
+            source = self.tmp
+        else:  # frames failed: write only the kept rows
+            source = self._compact(keep, attrs)
+        with open(source, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(source, final)
+        _fsync_dir(self.out)
+        self.tmp = None
+        result = {"frames": int(keep.sum()), "parts": len(self.added), "merge_busy_seconds": self.busy["merge"],
+                  "classify_busy_seconds": self.busy["classify"]}
+        if self.classifier_path:
+            from ..classify.predict import write_highest_score, write_prediction_lines, RESULTS_TXT, HIGHEST_CSV
+
+            ids = [i for i, k in zip(self.frame_ids, keep) if k]
+            write_prediction_lines(self.out / RESULTS_TXT, [line for line, k in zip(self.lines, keep) if k])
+            write_highest_score(self.out / HIGHEST_CSV, ids, self.probabilities[keep])
+        result["finish_seconds"] = time.time() - t0
+        return result
+
+    def _compact(self, keep: np.ndarray, attrs: dict) -> Path:
+        fd, dest = tempfile.mkstemp(prefix=f".{EMBEDDINGS_H5}.", suffix=".tmp", dir=self.out)
+        os.close(fd)
+        dest = Path(dest)
+        n_keep = int(keep.sum())
+        with h5py.File(self.tmp, "r") as src, h5py.File(dest, "w") as f:
+            f.create_dataset("ids", data=np.array([i for i, k in zip(self.frame_ids, keep) if k], dtype=object), dtype=UTF8_STRING)
+            for name in EMBEDDING_DATASETS:
+                width = src[name].shape[1]
+                dset = f.create_dataset(name, shape=(n_keep, width), dtype="float32",
+                                        chunks=(max(1, min(n_keep, ROWS_PER_CHUNK)), width))
+                at = 0
+                for start in range(0, len(keep), 8192):  # one sequential pass over the full file
+                    block_keep = keep[start:start + 8192]
+                    rows = src[name][start:start + len(block_keep)][block_keep]
+                    dset[at:at + len(rows)] = rows
+                    at += len(rows)
+            for k, v in attrs.items():
+                f.attrs[k] = "" if v is None else v
+        self.tmp.unlink(missing_ok=True)
+        return dest
+
+
+def merge_parts(output_dir, frame_ids, attrs=None, fingerprint=None, failed_ids=frozenset(),
+                classifier_path=None, classify_device="auto") -> dict:
+    """Merge (and classify) every part now, in this process: `virnuc-ds merge`, and the fallback."""
+    writer = MergeWriter(output_dir, frame_ids, fingerprint, attrs, classifier_path, classify_device)
+    try:
+        writer.add_new_parts()
+        return writer.finish(failed_ids)
+    finally:
+        writer.discard()
+
+
+def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads, stop, conn):
+    """Body of the background merge: add parts as they land until `stop`, then finish."""
+    writer = None
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from .finish import collect_failures
+        from .frames_table import read_frame_ids
+
+        writer = MergeWriter(output_dir, read_frame_ids(prep_dir), fingerprint, attrs, classifier_path, classify_device)
+        parent = mp.parent_process()
+        while True:
+            last_round = stop.is_set()  # read before the scan: every part written before stop is seen
+            writer.add_new_parts()
+            if last_round:
+                break
+            if parent is not None and not parent.is_alive():
+                return  # rank 0 is gone: nothing to finish
+            stop.wait(POLL_SECONDS)
+        failures = collect_failures(Path(output_dir))
+        conn.send(("ok", writer.finish(frozenset(line.split("|", 1)[0] for line in failures))))
+    except BaseException as exc:  # noqa: BLE001 - handed to rank 0, which reports it
+        conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))
+    finally:
+        if writer is not None:
+            writer.discard()
+        conn.close()
+
+
+class BackgroundMerge:
+    """Rank 0's merge process: merges and classifies parts while the GPUs still compute."""
+
+    def __init__(self, output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads: int = 2):
+        ctx = mp.get_context("spawn")  # never fork a process holding CUDA and torch threads
+        self.stop = ctx.Event()
+        self.reader, writer = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_merge_process, name="virnuc-ds-merge", daemon=True,
+            args=(str(output_dir), str(prep_dir), fingerprint, attrs, classifier_path, classify_device, threads, self.stop, writer),
         )
-    duplicated = np.flatnonzero(filled > 1)
-    if len(duplicated):
-        raise IncompleteError(f"{len(duplicated)} frames appear in several parts ({_examples(frame_ids[i] for i in duplicated[:6])})")
-    bad = np.flatnonzero((filled > 0) & ~(np.isfinite(dnabert).all(1) & np.isfinite(esm).all(1)))
-    if len(bad):
-        raise IncompleteError(f"{len(bad)} frames have NaN or Inf embeddings ({_examples(frame_ids[i] for i in bad[:6])})")
-    keep = filled > 0
-    path = out / EMBEDDINGS_H5
-    if dnabert is None:  # every frame failed
-        raise IncompleteError(f"all {n} frames failed; see {out / 'failed_files.txt'}")
-    write_embeddings(path, Embeddings([i for i, k in zip(frame_ids, keep) if k], dnabert[keep], esm[keep]), **(attrs or {}))
-    return path
+        self.process.start()
+        writer.close()
+
+    def finish(self) -> dict | None:
+        """Stop after the parts now on disk and return the merge's result; raises its error.
+        None if the process died without a word (the caller merges in-process instead)."""
+        self.stop.set()
+        try:
+            message = self.reader.recv()
+        except EOFError:
+            message = None
+        self.process.join()
+        if message is None:
+            log.warning("the background merge ended without a result (exit code %s); merging in this process",
+                        self.process.exitcode)
+            return None
+        if message[0] == "ok":
+            return message[1]
+        _, code, text, kind = message
+        if kind == "IncompleteError":
+            raise IncompleteError(text)
+        exc = VirnucError(f"merging the parts failed: {kind}: {text}")
+        exc.exit_code = code
+        raise exc
+
+    def abandon(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)

@@ -1,0 +1,140 @@
+"""The merge: parts scattered into embeddings.h5 as they land (background process) or all at once,
+with the same bytes either way; rewritten parts, failed frames and bad parts; the light entry module."""
+
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from virnuc_ds.errors import IncompleteError
+from virnuc_ds.pipeline.frames_table import read_frame_ids, read_prepared_fasta
+from virnuc_ds.pipeline.merge import BackgroundMerge, MergeWriter, merge_parts
+from virnuc_ds.pipeline.parts import PARTS_DIR, read_part, write_part
+from virnuc_ds.store.embeddings import read_embeddings
+
+
+def _results(folder):
+    return {name: (folder / name).read_bytes() for name in ("prediction_results.txt", "prediction_results_highestscore.csv")}
+
+
+def _copy_without_results(one_rank, dest):
+    shutil.copytree(one_rank, dest)
+    for name in ("embeddings.h5", "prediction_results.txt", "prediction_results_highestscore.csv"):
+        (dest / name).unlink()
+    return dest
+
+
+def test_background_and_serial_merge_write_the_same_results(demo, one_rank, tmp_path):
+    """run.background_merge on (the default, one_rank) and off give identical files."""
+    import yaml
+
+    cfg = yaml.safe_load(demo["config"].read_text())
+    cfg.setdefault("run", {})["background_merge"] = False
+    serial_cfg = demo["config"].parent / "serial_merge.yaml"  # beside the demo models it names
+    serial_cfg.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "serial"
+    from virnuc_ds.cli import main
+
+    assert main(["run", "-c", str(serial_cfg), "-i", str(ROOT / "examples" / "sample.fa"), "-m", "500", "-o", str(out)]) == 0
+    a, b = read_embeddings(one_rank / "embeddings.h5"), read_embeddings(out / "embeddings.h5")
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.dnabert_s, b.dnabert_s)
+    np.testing.assert_array_equal(a.esm2, b.esm2)
+    assert _results(one_rank) == _results(out)
+
+
+def test_parts_merged_as_they_land_equal_a_merge_at_the_end(demo, one_rank, tmp_path):
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    held = tmp_path / "held"
+    held.mkdir()
+    for p in parts[1:]:
+        shutil.move(p, held / p.name)
+    fingerprint = read_part(parts[0])["fingerprint"]
+    merger = BackgroundMerge(out, out / "prep", fingerprint, {}, str(demo["classifier"]), "cpu", threads=1)
+    try:
+        for p in parts[1:]:  # the other ranks' parts arrive later
+            shutil.move(held / p.name, p)
+        result = merger.finish()
+    finally:
+        merger.abandon()
+    assert result["parts"] == len(parts) and result["frames"] == len(read_frame_ids(out / "prep"))
+    a, b = read_embeddings(one_rank / "embeddings.h5"), read_embeddings(out / "embeddings.h5")
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.features(), b.features())
+    assert _results(one_rank) == _results(out)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_part_rewritten_during_the_merge_replaces_its_rows(demo, one_rank, tmp_path):
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    ids = read_frame_ids(out / "prep")
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    part = read_part(parts[0])
+    writer = MergeWriter(out, ids, part["fingerprint"], {})
+    writer.add_new_parts()
+    # a rerun retries failed frames: the part is written again, with different values
+    write_part(parts[0], 0, part["frame_index"], part["ids"], part["dnabert_s"] + 1, part["esm2"], part["fingerprint"])
+    assert writer.add_new_parts() == 1
+    writer.finish()
+    emb = read_embeddings(out / "embeddings.h5")
+    rows = [emb.ids.index(i) for i in part["ids"]]
+    np.testing.assert_array_equal(emb.dnabert_s[rows], part["dnabert_s"] + 1)
+
+
+def test_failed_frames_are_left_out_and_missing_ones_are_an_error(demo, one_rank, tmp_path):
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    ids = read_frame_ids(out / "prep")
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    part = read_part(parts[0])
+    gone = part["ids"][:2]
+    write_part(parts[0], 0, part["frame_index"][2:], part["ids"][2:], part["dnabert_s"][2:], part["esm2"][2:], part["fingerprint"])
+    with pytest.raises(IncompleteError, match="2 of .* frames have no embeddings"):
+        merge_parts(out, ids, fingerprint=part["fingerprint"])
+    assert not (out / "embeddings.h5").exists() and not list(out.glob(".*.tmp"))
+    merge_parts(out, ids, fingerprint=part["fingerprint"], failed_ids=frozenset(gone), classifier_path=str(demo["classifier"]))
+    emb = read_embeddings(out / "embeddings.h5")
+    full = read_embeddings(one_rank / "embeddings.h5")
+    assert emb.ids == [i for i in ids if i not in gone]
+    keep = [k for k, i in enumerate(full.ids) if i not in gone]
+    np.testing.assert_array_equal(emb.features(), full.features()[keep])
+    rows = (out / "prediction_results.txt").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == emb.ids
+
+
+def test_a_part_with_nan_is_refused_naming_the_frame(demo, one_rank, tmp_path):
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    part = read_part(parts[0])
+    part["esm2"][3, 0] = np.nan
+    write_part(parts[0], 0, part["frame_index"], part["ids"], part["dnabert_s"], part["esm2"], part["fingerprint"])
+    with pytest.raises(IncompleteError, match=part["ids"][3]):
+        merge_parts(out, read_frame_ids(out / "prep"), fingerprint=part["fingerprint"])
+
+
+def test_embeddings_file_is_plain_hdf5(one_rank):
+    """Written through a memory map, read back by h5py with no special handling."""
+    with h5py.File(one_rank / "embeddings.h5") as f:
+        assert f["esm2"].dtype == np.float32 and f["esm2"].shape[0] == f["ids"].shape[0] == f["dnabert_s"].shape[0]
+        assert f.attrs["format"] == "virnuc-ds embeddings"
+
+
+def test_prepared_fasta_fast_reader_equals_the_general_reader(one_rank, tmp_path):
+    from virnuc_ds.fasta import read_fasta
+
+    path = one_rank / "prep" / "identified_protein.faa"
+    ids, seqs = read_prepared_fasta(path)
+    assert list(zip(ids, seqs)) == [(r.id, r.sequence) for r in read_fasta(path)]
+    wrapped = tmp_path / "wrapped.faa"
+    wrapped.write_text(">a desc\nMK\nLV\n>b\nQQ\n")  # not prepare's layout: the general reader
+    assert read_prepared_fasta(wrapped) == (["a", "b"], ["MKLV", "QQ"])
+
+
+def test_the_entry_module_imports_no_torch():
+    """prepare's pool and the background merge re-import the main module in every worker."""
+    code = "import sys, virnuc_ds.run; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

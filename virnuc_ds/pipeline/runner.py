@@ -1,0 +1,277 @@
+"""The rank runner's stages in order (entry point: virnuc_ds/run.py).
+
+  check the output folder (rank 0)  -> fingerprint of input, config and models; --force clears
+  prepare (rank 0, all CPU cores)   -> OUT/prep/{chunked.fa, identified_nucleotide.fa, identified_protein.faa}
+     while every rank loads its models (the load overlaps rank 0's prepare)
+  plan parts + assign to ranks      -> pipeline/shard.py (length-sorted, token-balanced, any world size)
+  embed my parts                    -> OUT/parts/part-NNNNNN.h5 (atomic, one per finished part)
+     while rank 0's background merge scatters finished parts into OUT/embeddings.h5 and classifies them
+  finish (rank 0)                   -> completeness check, OUT/embeddings.h5, prediction_results.txt,
+                                       prediction_results_highestscore.csv, run_report.json
+Rerunning the same command resumes: finished parts are skipped. `--force` starts over.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..atomic import ensure_writable_dir, remove_stale_temporaries
+from ..config import Config, load_config
+from ..errors import InputError, InterruptedRun
+from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, prepare
+from ..progress import ProgressReporter
+from ..run import PREP_DIR
+from ..version import __version__
+from .distributed import init_ranks
+from .embed_part import embed_part, injected_fault_ids, load_embedders
+from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
+from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
+from .frames_table import read_frames_table
+from .merge import EMBEDDINGS_H5, BackgroundMerge
+from .parts import PARTS_DIR, part_is_complete
+from .shard import assign_parts, plan_parts
+
+log = logging.getLogger("virnuc_ds.run")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32
+
+
+def apply_overrides(cfg: Config, args) -> Config:
+    if args.expected_length:
+        cfg.prepare.expected_length = args.expected_length
+    if getattr(args, "classifier", None):
+        cfg.models.classifier = str(Path(args.classifier).resolve())
+    if getattr(args, "esm_batch_tokens", None):
+        cfg.esm2.toks_per_batch = args.esm_batch_tokens
+    if getattr(args, "dnabert_batch_tokens", None):
+        cfg.dnabert_s.toks_per_batch = args.dnabert_batch_tokens
+    if cfg.models.classifier and not Path(cfg.models.classifier).is_file():
+        raise InputError(cfg.models.classifier, "classifier checkpoint not found")
+    return cfg
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the rank stops after the part in flight (finished parts are kept).
+
+    A second signal stops at once (KeyboardInterrupt): parts are atomic, so nothing finished is lost."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after the part in flight (send it again to stop now)", self.signal)
+
+    def check(self, rank: int) -> None:
+        if self.signal:
+            raise InterruptedRun(f"rank {rank} stopped by {self.signal}; finished parts are kept, rerun the same command to resume")
+
+
+def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, facts_fn) -> dict:
+    """Rank 0: fingerprint check (another input/config/models in this folder is refused unless
+    --force), stale temporaries removed; says whether prepare's outputs are already there."""
+    digest = file_digest(input_path)
+    fingerprint, facts = facts_fn(digest)
+    if force:
+        for name in (PREP_DIR, PARTS_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv"):
+            (out / name).unlink(missing_ok=True)
+    new_manifest = not (out / MANIFEST).exists()
+    check_or_write_manifest(out, fingerprint, facts, force)
+    prep = out / PREP_DIR
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(prep)
+    remove_stale_temporaries(out / PARTS_DIR)
+    prepared = all((prep / n).exists() for n in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA))
+    return {"fingerprint": fingerprint, "prepared": prepared, "new_manifest": new_manifest}
+
+
+def _prepare_inputs(cfg: Config, input_path: Path, out: Path, check: dict) -> dict:
+    """Rank 0: chunk and translate the input into OUT/prep (nothing is left there on bad input)."""
+    t0 = time.time()
+    prep = out / PREP_DIR
+    try:
+        stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers)
+        if stats.frames == 0:
+            shutil.rmtree(prep, ignore_errors=True)
+            raise InputError(input_path, f"no open reading frame: no {cfg.prepare.expected_length}-bp chunk has a "
+                             "frame of at least one codon without a stop codon, so there is nothing to embed")
+    except BaseException:
+        # bad input leaves no partial output: without this, the corrected input is refused
+        # as "another input_sha256" on the rerun
+        if check["new_manifest"]:
+            (out / MANIFEST).unlink(missing_ok=True)
+        raise
+    return {"fingerprint": check["fingerprint"], "seconds": time.time() - t0, "stats": stats.__dict__}
+
+
+def run(args) -> int:
+    cfg = apply_overrides(load_config(args.config), args)
+    ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu)
+    stop = StopFlag()
+    timings: dict[str, float] = {"startup": _seconds_since_process_start()}  # interpreter, imports, launcher
+    progress = merger = None
+    try:
+        out = Path(args.output_dir)
+        input_path = Path(args.input)
+        if not input_path.is_file():
+            raise InputError(input_path, "file not found")
+        ensure_writable_dir(out)
+
+        from ..models.dnabert_s import resolve_dnabert_s_folder
+        from ..models.esm2 import resolve_esm2_checkpoint
+
+        esm2_path = resolve_esm2_checkpoint(cfg.models.esm2)
+        dnabert_path = resolve_dnabert_s_folder(cfg.models.dnabert_s)
+        esm_dtype = resolve_dtype(cfg.esm2.dtype, ctx.device)
+        dna_dtype = resolve_dtype(cfg.dnabert_s.dtype, ctx.device)
+        kernel_inject = cfg.esm2.replace_with_kernel_inject and ctx.device.type == "cuda"
+        dtypes = {"esm2": str(esm_dtype), "dnabert_s": str(dna_dtype), "device": ctx.device.type, "kernels": kernel_inject}
+        if ctx.is_main:
+            log.info(
+                "virnuc-ds %s: %d rank(s), device %s, ESM-2 %s %s, DNABERT-S %s%s",
+                __version__, ctx.world_size, _device_name(ctx.device), "DeepSpeed kernels" if kernel_inject else "eager",
+                dtypes["esm2"], dtypes["dnabert_s"],
+                "" if kernel_inject or not cfg.esm2.replace_with_kernel_inject else " (kernel injection needs a GPU: eager on CPU)",
+            )
+
+        def load_models():
+            t0 = time.time()
+            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
+            timings["model_load"] = time.time() - t0
+            return loaded
+
+        # 1. the output folder: fingerprint check (rank 0), shared with every rank
+        check = ctx.on_main(
+            _check_output_folder, cfg, input_path, out, args.force,
+            lambda digest: run_fingerprint(digest, cfg, str(esm2_path), str(dnabert_path), dtypes),
+        )
+        fingerprint = check["fingerprint"]
+
+        # 2. prepare (rank 0, every core of its node, in a thread) while every rank loads its
+        #    models; a resumed run has its prep already and loads models only if parts remain
+        embedders = None
+        if check["prepared"]:
+            log.info("prepare: reusing %s", out / PREP_DIR)
+            prep_info = {"fingerprint": fingerprint, "seconds": 0.0, "stats": None}
+        else:
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+                job = pool.submit(_prepare_inputs, cfg, input_path, out, check) if ctx.is_main else None
+                try:
+                    embedders = load_models()
+                finally:
+                    t_wait = time.time()
+                    prep_info = ctx.on_main(job.result if job is not None else None)
+                    timings["prepare_wait"] = time.time() - t_wait
+        timings["prepare"] = prep_info["seconds"]
+
+        # 3. plan: length-sorted parts, dealt to ranks by tokens
+        t0 = time.time()
+        frames = read_frames_table(out / PREP_DIR)
+        parts = plan_parts(frames.protein_lengths(), cfg.run.frames_per_part)
+        mine = assign_parts(parts, ctx.world_size)[ctx.rank]
+        todo = [p for p in mine if not part_is_complete(out, p.index, p.frames, fingerprint)]
+        timings["plan"] = time.time() - t0
+        log.info("%d frames in %d parts; this rank: %d parts, %d to compute", len(frames), len(parts), len(mine), len(todo))
+        progress = ProgressReporter(out, ctx.rank, ctx.world_size,
+                                    total_frames=sum(len(p.frames) for p in todo), total_parts=len(todo))
+        if ctx.is_main and cfg.run.background_merge:
+            merger = BackgroundMerge(out, out / PREP_DIR, fingerprint, merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint),
+                                     cfg.models.classifier, cfg.classify.device)
+
+        # 4. embed this rank's parts
+        if todo:
+            if embedders is None:
+                embedders = load_models()
+            timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
+            fail_ids = injected_fault_ids(cfg.run.fail_frames)
+            totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
+            for n_done, part in enumerate(todo, start=1):
+                stop.check(ctx.rank)
+                t_part = time.time()
+                part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device)
+                for key, value in part_times.items():
+                    totals[key] += value
+                progress.part_done(len(part.frames), part_times["esm2_tokens"], time.time() - t_part)
+                log.info(
+                    "part %d done (%d/%d on this rank): %d frames, ESM-2 %.0f tokens/s%s",
+                    part.index, n_done, len(todo), len(part.frames),
+                    part_times["esm2_tokens"] / max(part_times["esm2"], 1e-9),
+                    f", {part_times['failed_frames']} failed" if part_times["failed_frames"] else "",
+                )
+                _test_hooks_after_part(n_done)
+            timings.update(totals)
+            timings["truncated_proteins"] = getattr(embedders[0], "truncated_count", 0)
+            timings["embedded"] = _seconds_since_process_start()  # the last GPU batch is done
+        embedders = None
+
+        # 5. merge, check, classify (rank 0) once every rank is done
+        ctx.barrier("embeddings done")
+        timings["rank_wall"] = _seconds_since_process_start()
+        progress.close()
+        all_timings = ctx.gather(timings)
+        ctx.on_main(finish_run, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info, merger)
+        merger = None
+        ctx.close(drain=True)
+        return 0
+    except BaseException as exc:
+        if getattr(exc, "all_ranks", False):  # e.g. frames failed (exit 2): all ranks are here together
+            ctx.close(drain=True)
+        raise
+    finally:
+        if merger is not None:
+            merger.abandon()
+        if progress is not None:
+            progress.close()
+        ctx.close()
+
+
+def _test_hooks_after_part(n_done: int) -> None:
+    """Crash and signal injection for the kill/SIGTERM tests (environment variables; never set in use).
+
+    VIRNUC_DS_TEST_HOOK_RANK limits them to one global rank."""
+    hook_rank = os.environ.get("VIRNUC_DS_TEST_HOOK_RANK")
+    if hook_rank is not None and hook_rank != os.environ.get("RANK", "0"):
+        return
+    if os.environ.get("VIRNUC_DS_TEST_KILL_AFTER_PARTS") == str(n_done):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("VIRNUC_DS_TEST_SIGTERM_AFTER_PARTS") == str(n_done):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _seconds_since_process_start() -> float:
+    try:
+        import psutil  # a DeepSpeed dependency
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a timing nicety, never a failure
+        return 0.0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
+    return "cpu"
