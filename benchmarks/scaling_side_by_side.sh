@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# The issue-sized scaling benchmark on one 4-GPU node in two device calls (each under 10 minutes):
+# The issue-sized scaling benchmark on one 4-GPU node, in device calls of under 10 minutes:
 #
-#   bash benchmarks/scaling_side_by_side.sh phase1   # setup; N=1 contigs500 (GPU 0), N=1 reads150
-#                                                    # (GPU 1) and N=2 of both (GPUs 2,3) side by side
-#   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of both, the combined summary, then tests/gpu
+#   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 contigs500 (GPU 0),
+#                                                    # N=1 reads150 (GPU 1), tests/gpu then N=2
+#                                                    # (GPUs 2,3) of $N2_WORKLOADS
+#   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
+#                                                    # of every run so far (a warm machine keeps them)
 #
 # Every job is pinned to its own quarter of the node's cores (taskset), N=4 included, so each run
-# has the same CPU budget whatever its GPU count. Writes under $OUT (the device tool's result
-# folder; default ./scaling_out) and keeps models, samples and run folders in $WORK between calls.
-# TINY=1 rehearses the whole thing on a CPU with the demo models (CONTIGS_S=0.3 READS_S=0.3).
+# has the same CPU budget whatever its GPU count. Runs, models and samples live in $WORK; each phase
+# ends by packing its results into $OUT/<phase>.tgz (the device tool returns only a few files).
+# TINY=1 rehearses everything on a CPU with the demo models (with CONTIGS_S=0.3 READS_S=0.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/scaling_out}
 WORK=${WORK:-/tmp/virnuc_scaling}
 CONTIGS_S=${CONTIGS_S:-360}   # ESM-2 seconds on one GPU the contigs500 sample is sized for
 READS_S=${READS_S:-300}       # the same for reads150
-mkdir -p "$OUT" "$WORK"
+N2_WORKLOADS=${N2_WORKLOADS:-contigs500 reads150}
+N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
+RESULTS=$WORK/results
+mkdir -p "$OUT" "$RESULTS"
 cores=$(nproc)
 quarter=$((cores / 4))
 TINY_FLAG=()
@@ -29,47 +34,66 @@ pin() {
 scaling() { python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" "$@"; }
 
 setup() {
-    scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$OUT/setup_contigs500"
-    scaling --setup-only --workload reads150 --esm-seconds "$READS_S" --out "$OUT/setup_reads150"
+    # the op builds (~50 s, CPU) while the models are written (GPU)
+    python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 &
+    scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
+    scaling --setup-only --workload reads150 --esm-seconds "$READS_S" --out "$RESULTS/setup_reads150"
+    wait
+}
+
+gpu_tests() {
+    CUDA_VISIBLE_DEVICES=$1 timeout 240 python3 -m pytest -q -ra tests/gpu > "$RESULTS/gpu_pytest.txt" 2>&1 || true
+}
+
+pack() {
+    cp -r "$RESULTS" "$OUT/results_$1"
+    tar czf "$OUT/$1.tgz" -C "$OUT" "results_$1" && rm -rf "$OUT/results_$1"
 }
 
 case "${1:-}" in
 phase1)
-    nvidia-smi topo -m > "$OUT/topology.txt" 2>&1 || true
+    nvidia-smi topo -m > "$RESULTS/topology.txt" 2>&1 || true
     setup
     # shellcheck disable=SC2046 # pin's words are meant to split
     $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
-        --port 29500 --out "$OUT/c1" > "$OUT/c1.log" 2>&1 &
+        --port 29500 --out "$RESULTS/c1" > "$RESULTS/c1.log" 2>&1 &
     # shellcheck disable=SC2046
     $(pin 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload reads150 --devices 1 \
-        --port 29520 --out "$OUT/r1" > "$OUT/r1.log" 2>&1 &
-    # shellcheck disable=SC2046
-    ($(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload contigs500 --devices 2,3 \
-        --port 29540 --out "$OUT/c2" && \
-     $(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload reads150 --devices 2,3 \
-        --port 29560 --out "$OUT/r2") > "$OUT/n2.log" 2>&1 &
+        --port 29520 --out "$RESULTS/r1" > "$RESULTS/r1.log" 2>&1 &
+    (
+        gpu_tests 2
+        port=29540
+        for workload in $N2_WORKLOADS; do
+            # shellcheck disable=SC2046
+            $(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
+                --devices 2,3 --port $port --out "$RESULTS/${workload:0:1}2" || true
+            port=$((port + 20))
+        done
+    ) > "$RESULTS/n2.log" 2>&1 &
     status=0
     for job in $(jobs -p); do wait "$job" || status=1; done
-    mkdir -p "$WORK/phase1" && cp -r "$OUT"/c1 "$OUT"/r1 "$OUT"/c2 "$OUT"/r2 "$WORK/phase1/" 2>/dev/null || true
-    tail -n 3 "$OUT"/c1.log "$OUT"/r1.log "$OUT"/n2.log
+    tail -n 4 "$RESULTS"/c1.log "$RESULTS"/r1.log "$RESULTS"/n2.log "$RESULTS/gpu_pytest.txt"
+    pack phase1
     exit $status
     ;;
 phase2)
     [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
-    # shellcheck disable=SC2046
-    $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload contigs500 \
-        --port 29600 --out "$OUT/c4" > "$OUT/c4.log" 2>&1 || tail -n 20 "$OUT/c4.log"
-    # shellcheck disable=SC2046
-    $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload reads150 \
-        --port 29620 --out "$OUT/r4" > "$OUT/r4.log" 2>&1 || tail -n 20 "$OUT/r4.log"
+    port=29600
+    for workload in $N4_WORKLOADS; do
+        # shellcheck disable=SC2046
+        $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload "$workload" \
+            --port $port --out "$RESULTS/${workload:0:1}4" > "$RESULTS/${workload:0:1}4.log" 2>&1 || tail -n 20 "$RESULTS/${workload:0:1}4.log"
+        port=$((port + 20))
+    done
     folders=()
-    for f in "$WORK"/phase1/c1 "$WORK"/phase1/r1 "$WORK"/phase1/c2 "$WORK"/phase1/r2 "$OUT"/c4 "$OUT"/r4; do
+    for f in "$RESULTS"/c1 "$RESULTS"/r1 "$RESULTS"/c2 "$RESULTS"/r2 "$RESULTS"/c4 "$RESULTS"/r4; do
         if [ -f "$f/scaling_summary.json" ]; then folders+=("$f"); fi
     done
-    mkdir -p "$OUT/summary"
-    scaling --combine "${folders[@]}" --out "$OUT/summary" | tee "$OUT/summary/table.txt"
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -ra tests/gpu > "$OUT/gpu_pytest.txt" 2>&1 || true
-    tail -n 4 "$OUT/gpu_pytest.txt"
+    mkdir -p "$RESULTS/summary"
+    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
+    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
+    scaling --combine "${folders[@]}" --out "$RESULTS/summary" | tee "$RESULTS/summary/table.txt"
+    pack phase2
     ;;
 *)
     echo "usage: $0 phase1|phase2" >&2

@@ -63,24 +63,31 @@ def test_classify_on_cuda_against_golden(tmp_path):
     np.testing.assert_allclose(np.array([r[2:] for r in mine], float), np.array([r[2:] for r in theirs], float), atol=2e-6, rtol=0)
 
 
-def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path):
-    """Cap this process's GPU memory so the configured batch cannot fit: the run still completes,
-    logs the retry, and equals an uncapped run."""
+def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, capfd):
+    """Cap this process's GPU memory just above what a run with small batches needs, then run with
+    a batch budget far above it: the run still completes, logs the retries, and equals the
+    small-batch run."""
     cfg = yaml.safe_load(gpu_models.read_text())
     cfg["esm2"] = {"toks_per_batch": 1 << 22, "replace_with_kernel_inject": False, "dtype": "bf16"}
+    cfg["dnabert_s"] = {"toks_per_batch": 1 << 22}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    cfg["esm2"]["toks_per_batch"] = 4096
+    cfg["esm2"]["toks_per_batch"] = cfg["dnabert_s"]["toks_per_batch"] = 4096
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
     args = ["-i", str(SAMPLE), "-m", "500"]
-    assert main(["run", "-c", str(tmp_path / "small.yaml"), *args, "-o", str(tmp_path / "ref")]) == 0
-    # one batch of the whole sample (~16k tokens) needs ~150 MB here; 64 MB forces several halvings
     torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    assert main(["run", "-c", str(tmp_path / "small.yaml"), *args, "-o", str(tmp_path / "ref")]) == 0
+    needed = torch.cuda.max_memory_reserved()  # weights + the largest 4096-token batch
+    torch.cuda.empty_cache()
+    capfd.readouterr()
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(64 * 2**20 / total)
+    torch.cuda.set_per_process_memory_fraction((needed + 8 * 2**20) / total)
     try:
         assert main(["run", "-c", str(tmp_path / "c.yaml"), *args, "-o", str(tmp_path / "capped")]) == 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+    assert "out of GPU memory; retrying with" in capfd.readouterr().err
     a, b = read_embeddings(tmp_path / "ref" / "embeddings.h5"), read_embeddings(tmp_path / "capped" / "embeddings.h5")
     assert a.ids == b.ids and cosine_rows(a.esm2, b.esm2).min() >= 0.9999
+    assert cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.9999

@@ -107,6 +107,11 @@ def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu
     model_data = load_checkpoint_file(path)
     if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
         raise ConfigError(f"{path}: not an ESM-2 checkpoint (no 'cfg'/'model' entries)")
+    if torch.device(device).type != "cpu":
+        # the file's own dtype (fp16) crosses the bus, the fp32 conversion runs on the device:
+        # copying CPU fp16 into GPU fp32 would convert on the CPU and move twice the bytes
+        model_data = dict(model_data, model={k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                             for k, v in model_data["model"].items()})
     regression_path = path.with_name(path.stem + REGRESSION_SUFFIX)
     regression_data = load_checkpoint_file(regression_path) if regression_path.is_file() else None
 
