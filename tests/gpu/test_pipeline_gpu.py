@@ -73,7 +73,12 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     cfg["esm2"]["toks_per_batch"] = cfg["dnabert_s"]["toks_per_batch"] = 4096
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["-i", str(SAMPLE), "-m", "500"]
+    # the sample 30 times over (new ids): one batch of all of it needs far more than loading the
+    # tiny models does, so the cap below binds on the batches, not on the load
+    records = SAMPLE.read_text().split(">")[1:]
+    big = tmp_path / "big.fa"
+    big.write_text("".join(f">c{k}_{rec}" for k in range(30) for rec in records))
+    args = ["-i", str(big), "-m", "500"]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     assert main(["run", "-c", str(tmp_path / "small.yaml"), *args, "-o", str(tmp_path / "ref")]) == 0
