@@ -227,3 +227,29 @@ def test_kernel_inject_uses_the_kernel_encoder_and_ignores_padding_rows(
     assert calls == {"dtype": torch.float32, "device": torch.device("cpu"), "max_tokens": 500,
                      "max_len": 1026}
     assert (out - reference).abs().max() <= 1e-5
+
+
+def test_skipping_weight_init_in_overlapping_threads_restores_torch_init():
+    """ESM-2 and DNABERT-S are built side by side: the last thread out puts torch.nn.init back."""
+    import threading
+
+    from virnuc_ds.models.esm2 import skip_weight_init
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with skip_weight_init():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(10)
+    with skip_weight_init():
+        t = torch.zeros(64)
+        torch.nn.init.normal_(t)
+        assert not t.any()  # skipped while both are inside
+    release.set()
+    thread.join()
+    torch.nn.init.normal_(t)
+    assert t.any()  # restored

@@ -291,7 +291,10 @@ def load_dnabert_s(folder_or_repo: str | os.PathLike | None = None):
     config = DnabertSConfig.from_json_file(folder / CONFIG_FILE)
     weights_path = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
     state = encoder_state_dict(load_weights_file(weights_path))
-    model = DnabertSModel(config, with_pooler=any(k.startswith("pooler.") for k in state))
+    from .esm2 import skip_weight_init
+
+    with skip_weight_init():  # every weight comes from the file (strict=True below)
+        model = DnabertSModel(config, with_pooler=any(k.startswith("pooler.") for k in state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

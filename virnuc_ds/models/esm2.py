@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pickle
+import threading
 import warnings
 from pathlib import Path
 
@@ -84,18 +85,31 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "
                    "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
 
 
+_SKIP_INIT_LOCK = threading.Lock()
+_SKIP_INIT_USERS = 0
+_SAVED_INIT_FUNCTIONS: dict = {}
+
+
 @contextlib.contextmanager
 def skip_weight_init():
-    """Make torch.nn.init a no-op while fair-esm builds the model: every weight is overwritten by
-    the checkpoint (strict loading), and random init of 3B parameters on the CPU costs ~20 s a rank."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    """Make torch.nn.init a no-op while a model is built whose every weight then comes from a
+    checkpoint (strict loading): random init of 3B parameters on the CPU costs ~20 s a rank.
+    Re-entrant across threads (ESM-2 and DNABERT-S load side by side): the last one out restores."""
+    global _SKIP_INIT_USERS
+    with _SKIP_INIT_LOCK:
+        if _SKIP_INIT_USERS == 0:
+            _SAVED_INIT_FUNCTIONS.update({name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS})
+            for name in _INIT_FUNCTIONS:
+                setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+        _SKIP_INIT_USERS += 1
     try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
+        with _SKIP_INIT_LOCK:
+            _SKIP_INIT_USERS -= 1
+            if _SKIP_INIT_USERS == 0:
+                for name, fn in _SAVED_INIT_FUNCTIONS.items():
+                    setattr(torch.nn.init, name, fn)
 
 
 def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu"):

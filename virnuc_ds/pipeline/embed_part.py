@@ -13,6 +13,7 @@ out-of-memory recovery, write the part.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -115,8 +116,19 @@ def _esm2_staging_device(esm2_path, device: torch.device) -> torch.device:
 def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject):
     """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device."""
     from ..embed.dnabert_s import DnabertSEmbedder
-    from ..embed.esm2 import Esm2Embedder
     from ..models.dnabert_s import load_dnabert_s
+
+    # DNABERT-S is read and built on the CPU in a thread while ESM-2 loads onto the GPU
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dnabert-s-load") as pool:
+        dnabert_job = pool.submit(load_dnabert_s, dnabert_path)
+        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject)
+        dmodel, tokenizer = dnabert_job.result()
+    dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
+    return esm, dna, esm_width, dmodel.config.hidden_size
+
+
+def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject):
+    from ..embed.esm2 import Esm2Embedder
     from ..models.esm2 import load_esm2
 
     staging = _esm2_staging_device(esm2_path, device)
@@ -136,9 +148,7 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     del model  # the embedder holds its own copy of the weights
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dmodel, tokenizer = load_dnabert_s(dnabert_path)
-    dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
-    return esm, dna, esm_width, dmodel.config.hidden_size
+    return esm, esm_width
 
 
 def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:
