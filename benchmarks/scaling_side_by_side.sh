@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# The issue-sized scaling benchmark on one 4-GPU node, in device calls of under 10 minutes:
+# The issue-sized scaling benchmark on one 4-GPU node, in device calls of under 10 minutes each
+# (a warm machine keeps models, samples and runs in $WORK between calls):
 #
 #   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 contigs500 (GPU 0),
-#                                                    # N=1 reads150 (GPU 1), tests/gpu then N=2
-#                                                    # (GPUs 2,3) of $N2_WORKLOADS
+#                                                    # N=1 reads150 (GPU 1), tests/gpu (GPU 2), then
+#                                                    # N=2 (GPUs 2,3) of $N2_WORKLOADS (default none)
+#   bash benchmarks/scaling_side_by_side.sh n2       # N=2 contigs500 (GPUs 0,1) beside N=2 reads150 (GPUs 2,3)
 #   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
-#                                                    # of every run so far (a warm machine keeps them)
+#                                                    # of every run so far
 #
 # Every job is pinned to its own quarter of the node's cores (taskset), N=4 included, so each run
-# has the same CPU budget whatever its GPU count. Runs, models and samples live in $WORK; each phase
-# ends by packing its results into $OUT/<phase>.tgz (the device tool returns only a few files).
-# TINY=1 rehearses everything on a CPU with the demo models (with CONTIGS_S=0.3 READS_S=0.3).
+# has the same CPU budget whatever its GPU count. Each phase ends by packing its results into
+# $OUT/<phase>.tgz (the device tool returns only a few files).
+# Sizes: CONTIGS_S / READS_S = ESM-2 seconds on one GPU each sample is sized for (the one-GPU run
+# takes about 1.1x that plus ~30 s). TINY=1 rehearses everything on a CPU with the demo models
+# (with CONTIGS_S=0.3 READS_S=0.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/scaling_out}
 WORK=${WORK:-/tmp/virnuc_scaling}
-CONTIGS_S=${CONTIGS_S:-360}   # ESM-2 seconds on one GPU the contigs500 sample is sized for
-READS_S=${READS_S:-300}       # the same for reads150
-N2_WORKLOADS=${N2_WORKLOADS:-contigs500 reads150}
+CONTIGS_S=${CONTIGS_S:-400}
+READS_S=${READS_S:-380}
+N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
 RESULTS=$WORK/results
 mkdir -p "$OUT" "$RESULTS"
@@ -76,6 +80,20 @@ phase1)
     pack phase1
     exit $status
     ;;
+n2)
+    [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
+    # shellcheck disable=SC2046
+    $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload contigs500 --devices 0,1 \
+        --port 29540 --out "$RESULTS/c2" > "$RESULTS/c2.log" 2>&1 &
+    # shellcheck disable=SC2046
+    $(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload reads150 --devices 2,3 \
+        --port 29560 --out "$RESULTS/r2" > "$RESULTS/r2.log" 2>&1 &
+    status=0
+    for job in $(jobs -p); do wait "$job" || status=1; done
+    tail -n 4 "$RESULTS"/c2.log "$RESULTS"/r2.log
+    pack n2
+    exit $status
+    ;;
 phase2)
     [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
     port=29600
@@ -96,7 +114,7 @@ phase2)
     pack phase2
     ;;
 *)
-    echo "usage: $0 phase1|phase2" >&2
+    echo "usage: $0 phase1|n2|phase2" >&2
     exit 2
     ;;
 esac

@@ -170,7 +170,13 @@ def test_parts_do_not_depend_on_world_size_and_are_token_balanced():
         assert sorted(p.index for s in shards for p in s) == list(range(len(parts)))
         loads = np.array([sum(p.cost for p in s) for s in shards])
         assert loads.max() <= loads.mean() * 1.03
+        # the dealing ends with the quarter-size parts of the shortest frames: within one of them
+        assert loads.max() - loads.mean() <= max(p.cost for p in parts[:16])
         assert assign_parts(parts, world) == shards  # deterministic
+    sizes = [len(p.frames) for p in parts]
+    assert sizes[:16] == [128] * 16 and set(sizes[16:-1]) == {512}
+    shortest = max(lengths[p.frames].max() for p in parts[:16])
+    assert all(lengths[p.frames].min() >= shortest for p in parts[16:])
 
 
 def test_settings_that_do_not_change_the_numbers_keep_the_fingerprint(demo, one_rank, tmp_path, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..atomic import atomic_open
 from ..errors import VirnucError
+from .shard import PART_LAYOUT
 
 MANIFEST = "run_manifest.json"
 
@@ -47,6 +48,7 @@ def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, d
         "dtypes": dtypes,
         "max_residues": cfg.esm2.max_residues,
         "frames_per_part": cfg.run.frames_per_part,
+        "part_layout": PART_LAYOUT,
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return digest, facts
