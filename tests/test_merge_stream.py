@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from virnuc_ds.errors import IncompleteError
 from virnuc_ds.pipeline.frames_table import read_frame_ids, read_prepared_fasta
 from virnuc_ds.pipeline.merge import BackgroundMerge, MergeWriter, merge_parts
