@@ -138,3 +138,23 @@ def test_the_entry_module_imports_no_torch():
     """prepare's pool and the background merge re-import the main module in every worker."""
     code = "import sys, virnuc_ds.run; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_parts_finished_in_the_background_are_complete_once_drained(tmp_path):
+    from virnuc_ds.pipeline.parts import PartFinisher, part_path
+
+    finisher = PartFinisher()
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for k in range(5):
+        write_part(part_path(tmp_path, k), k, np.arange(3) + 3 * k, [f"f{3 * k + i}" for i in range(3)], rows, rows, "fp", finisher)
+    finisher.drain()
+    for k in range(5):
+        part = read_part(part_path(tmp_path, k))
+        assert part["ids"] == [f"f{3 * k + i}" for i in range(3)] and part["fingerprint"] == "fp"
+    assert not list((tmp_path / PARTS_DIR).glob(".*.tmp"))
+    # a part whose rename fails is reported, and its temporary file does not linger
+    (tmp_path / PARTS_DIR / "part-000009.h5").mkdir()  # a folder where the file should go
+    write_part(part_path(tmp_path, 9), 9, np.arange(3), ["a", "b", "c"], rows, rows, "fp", finisher)
+    with pytest.raises(OSError):
+        finisher.close()
+    assert not list((tmp_path / PARTS_DIR).glob(".*.tmp"))

@@ -32,20 +32,31 @@ def atomic_path(final: str | os.PathLike):
     The temporary name starts with '.' and ends with '.tmp', so nothing reading the folder takes it
     for a result. On an exception the temporary file is removed and `final` is left untouched.
     """
+    tmp = temporary_path(final)
+    try:
+        yield tmp
+        durable_rename(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temporary_path(final: str | os.PathLike) -> Path:
+    """A fresh temporary path beside `final` (the name atomic_path uses), for writers that finish
+    with durable_rename themselves, e.g. in another thread."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return Path(tmp)
+
+
+def durable_rename(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """fsync the finished temporary file, rename it over `final`, fsync the folder."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(Path(final).parent)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ re-import the main module, and importing torch there would cost every worker sec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 PREP_DIR = "prep"
@@ -62,5 +63,23 @@ def main(argv=None) -> int:
         return exc.exit_code
 
 
+def exit_rank(code: int) -> None:
+    """Leave a rank of a distributed run without the interpreter's teardown.
+
+    Every output is fsync'd and the process group is gone by now; what remains of teardown can
+    only do harm: the C++ destructor of a process group still referenced from Python (DeepSpeed's
+    comm layer keeps one) may run while gloo's threads are joinable and abort the process
+    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_rank(exit_code)
+    sys.exit(exit_code)

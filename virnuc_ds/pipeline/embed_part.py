@@ -151,7 +151,7 @@ def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject):
     return esm, esm_width
 
 
-def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device) -> dict:
+def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, device, finisher=None) -> dict:
     """Compute the part's missing frames (all of them, or those that failed last time), write it."""
     esm_embedder, dna_embedder, esm_width, dna_width = embedders
     path = part_path(out, part.index)
@@ -178,7 +178,8 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
         rows_esm = np.concatenate([kept["esm2"], rows_esm])
     position = {int(f): k for k, f in enumerate(part.frames)}
     order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
-    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint)
+    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint,
+               finisher)
     failed_file = failures_path(out, part.index)
     if failures:
         with atomic_open(failed_file) as fh:

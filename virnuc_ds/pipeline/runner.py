@@ -36,7 +36,7 @@ from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fin
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, BackgroundMerge
-from .parts import PARTS_DIR, part_is_complete
+from .parts import PARTS_DIR, PartFinisher, part_is_complete
 from .shard import assign_parts, plan_parts
 
 log = logging.getLogger("virnuc_ds.run")
@@ -132,7 +132,7 @@ def run(args) -> int:
     ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu)
     stop = StopFlag()
     timings: dict[str, float] = {"startup": _seconds_since_process_start()}  # interpreter, imports, launcher
-    progress = merger = None
+    progress = merger = finisher = None
     try:
         out = Path(args.output_dir)
         input_path = Path(args.input)
@@ -208,10 +208,11 @@ def run(args) -> int:
             timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
             totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
+            finisher = PartFinisher()  # fsync + rename of finished parts, off the GPU's path
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
                 t_part = time.time()
-                part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device)
+                part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device, finisher)
                 for key, value in part_times.items():
                     totals[key] += value
                 progress.part_done(len(part.frames), part_times["esm2_tokens"], time.time() - t_part)
@@ -221,7 +222,9 @@ def run(args) -> int:
                     part_times["esm2_tokens"] / max(part_times["esm2"], 1e-9),
                     f", {part_times['failed_frames']} failed" if part_times["failed_frames"] else "",
                 )
-                _test_hooks_after_part(n_done)
+                _test_hooks_after_part(n_done, finisher)
+            finisher.close()
+            finisher = None
             timings.update(totals)
             timings["truncated_proteins"] = getattr(embedders[0], "truncated_count", 0)
             timings["embedded"] = _seconds_since_process_start()  # the last GPU batch is done
@@ -241,6 +244,11 @@ def run(args) -> int:
             ctx.close(drain=True)
         raise
     finally:
+        if finisher is not None:  # stopped or failed mid-way: keep every part already finished
+            try:
+                finisher.close()
+            except Exception as exc:  # noqa: BLE001 - the error already on its way out matters more
+                log.warning("a finished part could not be put in place (%s); it will be recomputed", exc)
         if merger is not None:
             merger.abandon()
         if progress is not None:
@@ -248,17 +256,23 @@ def run(args) -> int:
         ctx.close()
 
 
-def _test_hooks_after_part(n_done: int) -> None:
-    """Crash and signal injection for the kill/SIGTERM tests (environment variables; never set in use).
-
-    VIRNUC_DS_TEST_HOOK_RANK limits them to one global rank."""
+def _test_hooks_after_part(n_done: int, finisher) -> None:
+    """Crash and signal injection for the kill/SIGTERM tests (environment variables; never set in use):
+    they strike once the n-th part is on disk. VIRNUC_DS_TEST_HOOK_RANK limits them to one global rank."""
     hook_rank = os.environ.get("VIRNUC_DS_TEST_HOOK_RANK")
     if hook_rank is not None and hook_rank != os.environ.get("RANK", "0"):
         return
+    if n_done in (_int_env("VIRNUC_DS_TEST_KILL_AFTER_PARTS"), _int_env("VIRNUC_DS_TEST_SIGTERM_AFTER_PARTS")):
+        finisher.drain()
     if os.environ.get("VIRNUC_DS_TEST_KILL_AFTER_PARTS") == str(n_done):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("VIRNUC_DS_TEST_SIGTERM_AFTER_PARTS") == str(n_done):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
 
 
 def _seconds_since_process_start() -> float:
