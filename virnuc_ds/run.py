@@ -67,9 +67,10 @@ def exit_rank(code: int) -> None:
     """Leave a rank of a distributed run without the interpreter's teardown.
 
     Every output is fsync'd and the process group is gone by now; what remains of teardown can
-    only do harm: the C++ destructor of a process group still referenced from Python (DeepSpeed's
-    comm layer keeps one) may run while gloo's threads are joinable and abort the process
-    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    only do harm: once in CI a rank aborted there after a run that had succeeded ("terminate
+    called without an active exception", exit -6; most likely the C++ destructor of a process
+    group still referenced from Python, e.g. by DeepSpeed's comm layer, running while gloo's
+    threads are joinable)."""
     import logging
 
     logging.shutdown()
