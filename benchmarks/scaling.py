@@ -300,7 +300,6 @@ def main() -> None:
     p.add_argument("--setup-only", action="store_true", help="write the models and the --workload samples, build the op, stop")
     p.add_argument("--combine", nargs="+", type=Path, help="output folders of earlier calls: one summary, speed-ups, agreement, plot")
     p.add_argument("--tiny", action="store_true", help="the demo models instead of the real architectures (a CPU rehearsal)")
-    p.add_argument("--baseline", help="scaling_summary.json of an earlier call holding the 1-GPU records")
     p.add_argument("--attention", default=None, help="esm2.attention to set in the config (default: the product default)")
     args = p.parse_args()
     out = Path(args.out)
@@ -338,7 +337,6 @@ def main() -> None:
         "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "command": " ".join(sys.argv),
         "cpus": len(os.sched_getaffinity(0)),
     }
-    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else []
     records, raw = [], {}
     for w, workload in enumerate(workloads):
         length = WORKLOADS[workload][0]
@@ -349,9 +347,7 @@ def main() -> None:
         if args.attention:
             esm_cfg["attention"] = args.attention
         cfg.write_text(json.dumps({"models": models, "esm2": esm_cfg, "run": {"frames_per_part": 2048}}))
-        earlier = [r for r in baseline if r["workload"] == workload and r["gpus"] == 1]
-        base_rec = earlier[0] if earlier else None
-        base_out = work / f"out_{workload}_1" if base_rec and (work / f"out_{workload}_1" / "embeddings.h5").exists() else None
+        base_rec = base_out = None  # the first run of this call is the others' reference (--combine for runs of several calls)
         for i, n in enumerate(int(x) for x in args.gpus.split(",")):
             devices = [int(d) for d in args.devices.split(",")][:n] if args.devices else list(range(n))
             run_out = work / f"out_{workload}_{n}"

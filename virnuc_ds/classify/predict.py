@@ -49,11 +49,6 @@ def predict_probabilities(
     return out
 
 
-def labels_of(probabilities: np.ndarray) -> list[str]:
-    winners = np.argmax(probabilities, axis=1)  # first maximum on a tie, like torch.max
-    return [LABELS[int(k)] for k in winners]
-
-
 RESULTS_HEADER = "Sequence_ID\tPrediction\tscore1\tscore2\n"
 
 

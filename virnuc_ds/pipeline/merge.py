@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..atomic import _fsync_dir
+from ..atomic import durable_rename, temporary_path
 from ..errors import EXIT_FAILURE, IncompleteError, VirnucError
 from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING
 from ..version import __version__
@@ -70,9 +68,7 @@ class MergeWriter:
     # -- the embeddings file ---------------------------------------------------------------
     def _create(self, widths: dict[str, int]) -> None:
         """Full-size contiguous datasets, allocated now and never filled, mapped into memory."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{EMBEDDINGS_H5}.", suffix=".tmp", dir=self.out)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temporary_path(self.out / EMBEDDINGS_H5)
         n = len(self.frame_ids)
         offsets = {}
         with h5py.File(self.tmp, "w") as f:
@@ -189,10 +185,7 @@ class MergeWriter:
             source = self.tmp
         else:  # frames failed: write only the kept rows
             source = self._compact(keep, attrs)
-        with open(source, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(source, final)
-        _fsync_dir(self.out)
+        durable_rename(source, final)
         self.tmp = None
         result = {"frames": int(keep.sum()), "parts": len(self.added), "merge_busy_seconds": self.busy["merge"],
                   "classify_busy_seconds": self.busy["classify"]}
@@ -206,9 +199,7 @@ class MergeWriter:
         return result
 
     def _compact(self, keep: np.ndarray, attrs: dict) -> Path:
-        fd, dest = tempfile.mkstemp(prefix=f".{EMBEDDINGS_H5}.", suffix=".tmp", dir=self.out)
-        os.close(fd)
-        dest = Path(dest)
+        dest = temporary_path(self.out / EMBEDDINGS_H5)
         n_keep = int(keep.sum())
         with h5py.File(self.tmp, "r") as src, h5py.File(dest, "w") as f:
             f.create_dataset("ids", data=np.array([i for i, k in zip(self.frame_ids, keep) if k], dtype=object), dtype=UTF8_STRING)
@@ -239,28 +230,25 @@ def merge_parts(output_dir, frame_ids, attrs=None, fingerprint=None, failed_ids=
         writer.discard()
 
 
-def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads, stop, conn):
-    """Body of the background merge: add parts as they land until `stop`, then finish."""
+def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads, conn):
+    """Body of the background merge: add parts as they land until rank 0 sends the failed frame
+    ids (every rank is done), then a last scan, finish, and the result back."""
     writer = None
     try:
         import torch
 
         torch.set_num_threads(threads)
-        from .finish import collect_failures
         from .frames_table import read_frame_ids
 
         writer = MergeWriter(output_dir, read_frame_ids(prep_dir), fingerprint, attrs, classifier_path, classify_device)
         parent = mp.parent_process()
-        while True:
-            last_round = stop.is_set()  # read before the scan: every part written before stop is seen
+        while not conn.poll(POLL_SECONDS):
             writer.add_new_parts()
-            if last_round:
-                break
             if parent is not None and not parent.is_alive():
                 return  # rank 0 is gone: nothing to finish
-            stop.wait(POLL_SECONDS)
-        failures = collect_failures(Path(output_dir))
-        conn.send(("ok", writer.finish(frozenset(line.split("|", 1)[0] for line in failures))))
+        failed_ids = conn.recv()
+        writer.add_new_parts()  # the parts written before rank 0 said stop
+        conn.send(("ok", writer.finish(failed_ids)))
     except BaseException as exc:  # noqa: BLE001 - handed to rank 0, which reports it
         conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))
     finally:
@@ -274,22 +262,21 @@ class BackgroundMerge:
 
     def __init__(self, output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads: int = 2):
         ctx = mp.get_context("spawn")  # never fork a process holding CUDA and torch threads
-        self.stop = ctx.Event()
-        self.reader, writer = ctx.Pipe(duplex=False)
+        self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_merge_process, name="virnuc-ds-merge", daemon=True,
-            args=(str(output_dir), str(prep_dir), fingerprint, attrs, classifier_path, classify_device, threads, self.stop, writer),
+            args=(str(output_dir), str(prep_dir), fingerprint, attrs, classifier_path, classify_device, threads, child_conn),
         )
         self.process.start()
-        writer.close()
+        child_conn.close()
 
-    def finish(self) -> dict | None:
+    def finish(self, failed_ids: frozenset[str] = frozenset()) -> dict | None:
         """Stop after the parts now on disk and return the merge's result; raises its error.
         None if the process died without a word (the caller merges in-process instead)."""
-        self.stop.set()
         try:
-            message = self.reader.recv()
-        except EOFError:
+            self.conn.send(failed_ids)
+            message = self.conn.recv()
+        except (EOFError, BrokenPipeError):
             message = None
         self.process.join()
         if message is None:
@@ -299,9 +286,7 @@ class BackgroundMerge:
         if message[0] == "ok":
             return message[1]
         _, code, text, kind = message
-        if kind == "IncompleteError":
-            raise IncompleteError(text)
-        exc = VirnucError(f"merging the parts failed: {kind}: {text}")
+        exc = IncompleteError(text) if kind == "IncompleteError" else VirnucError(f"merging the parts failed: {kind}: {text}")
         exc.exit_code = code
         raise exc
 
