@@ -130,7 +130,34 @@ def run_n(n: int, cfg: Path, sample: Path, length: int, out: Path, port: int, de
     if proc.returncode != 0:
         raise SystemExit(f"N={n} failed (exit {proc.returncode}); log: {out.parent / f'run_{out.name}.log'}\n{proc.stderr[-3000:]}")
     report = json.loads((out / "run_report.json").read_text())
-    return {"wall": wall, "report": report, "out_dir": str(out), "devices": devices, "command": " ".join(cmd)}
+    return {"wall": wall, "report": report, "out_dir": str(out), "devices": devices, "command": " ".join(cmd),
+            "launcher_events": launcher_events(proc.stdout + proc.stderr, t0)}
+
+
+LAUNCHER_EVENTS = {  # DeepSpeed's own log lines (millisecond timestamps) marking the launch chain
+    "runner_spawns_launch_py": "cmd = ",
+    "launch_py_spawns_ranks": "WORLD INFO DICT",
+    "last_rank_exit_seen": "exits successfully",
+}
+
+
+def launcher_events(log_text: str, t0: float) -> dict:
+    """Seconds from the benchmark's start of the `deepspeed` command to each launcher event (the
+    last occurrence of each), read from the timestamps of DeepSpeed's log lines."""
+    import datetime as dt
+
+    found = {}
+    for line in log_text.splitlines():
+        if not line.startswith("[20"):
+            continue
+        for name, marker in LAUNCHER_EVENTS.items():
+            if marker in line:
+                try:
+                    stamp = dt.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                except ValueError:
+                    continue
+                found[name] = stamp - t0
+    return found
 
 
 def _cuda() -> bool:
@@ -180,6 +207,10 @@ def summarize(n: int, workload: str, res: dict, base: dict | None, agreement: di
         **agreement,
         **meta,
     }
+    # where the fixed costs go: the launch chain, and each rank's start-up and load steps (slowest rank)
+    rec["launcher_events"] = res.get("launcher_events", {})
+    step_names = sorted({k for r in ranks for k in r if k in ("imports", "process_group") or k.startswith("load_")})
+    rec["rank_steps_seconds"] = {k: max(r.get(k, 0.0) for r in ranks) for k in step_names}
     rec["non_gpu_stage_seconds"] = setup + rec["finish_seconds"]
     rec["non_gpu_stage_fraction"] = rec["non_gpu_stage_seconds"] / rec["e2e_seconds"]
     rec["launcher_and_startup_seconds"] = res["wall"] - setup - gpu_stage_wall - rec["finish_seconds"]

@@ -8,9 +8,12 @@
 #   bash benchmarks/scaling_side_by_side.sh n2       # N=2 contigs500 (GPUs 0,1) beside N=2 reads150 (GPUs 2,3)
 #   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
 #                                                    # of every run so far
+#   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
+#                                                    # import times, N=1 and N=4 start-up/load steps
 #
-# Every job is pinned to its own quarter of the node's cores (taskset), N=4 included, so each run
-# has the same CPU budget whatever its GPU count. Each phase ends by packing its results into
+# Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
+# cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
+# cores, so jobs side by side never share a core, and N=4 has the whole node. Each phase ends by packing its results into
 # $OUT/<phase>.tgz (the device tool returns only a few files).
 # Sizes: CONTIGS_S / READS_S = ESM-2 seconds on one GPU each sample is sized for (the one-GPU run
 # takes about 1.1x that plus ~30 s). TINY=1 rehearses everything on a CPU with the demo models
@@ -29,10 +32,10 @@ cores=$(nproc)
 quarter=$((cores / 4))
 TINY_FLAG=()
 [ -n "${TINY:-}" ] && TINY_FLAG=(--tiny)
-# pin job k to the k-th quarter of the cores (not on a machine with fewer than 4)
+# pin a job to quarters $1 .. $1+$2-1 of the cores (not on a machine with fewer than 4)
 pin() {
     if [ "$quarter" -ge 1 ] && command -v taskset > /dev/null; then
-        echo taskset -c "$(($1 * quarter))-$((($1 + 1) * quarter - 1))"
+        echo taskset -c "$(($1 * quarter))-$((($1 + $2) * quarter - 1))"
     fi
 }
 scaling() { python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" "$@"; }
@@ -55,21 +58,57 @@ pack() {
 }
 
 case "${1:-}" in
+probe)
+    # where the fixed costs go, on a small sample: import times of the launch chain, N=1 and N=4
+    # with every rank's start-up and load steps; tests/gpu beside the setup
+    gpu_tests 3 &
+    for mod in torch deepspeed deepspeed.launcher.runner; do
+        python3 -c "import $mod" 2> /dev/null   # warm the page cache
+        /usr/bin/time -f "import $mod: %e s" python3 -c "import $mod" 2>> "$RESULTS/import_seconds.txt"
+    done
+    python3 -X importtime -c "import deepspeed.launcher.runner" 2> "$RESULTS/importtime_runner.txt" || true
+    python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 || true
+    scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
+    wait
+    # shellcheck disable=SC2046
+    $(pin 0 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
+        --port 29500 --out "$RESULTS/p1" > "$RESULTS/p1.log" 2>&1 || tail -n 20 "$RESULTS/p1.log"
+    # shellcheck disable=SC2046
+    $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload contigs500 \
+        --port 29520 --out "$RESULTS/p4" > "$RESULTS/p4.log" 2>&1 || tail -n 20 "$RESULTS/p4.log"
+    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
+    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
+    cat "$RESULTS/import_seconds.txt"
+    tail -n 3 "$RESULTS/gpu_pytest.txt"
+    python3 - "$RESULTS" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("p1", "p4"):
+    f = Path(sys.argv[1]) / name / "scaling_summary.json"
+    if not f.exists():
+        print(name, "missing"); continue
+    for r in json.loads(f.read_text()):
+        print(name, "e2e %.1f gpu %.1f setup %.1f finish %.1f" % (r["e2e_seconds"], r["gpu_stage_wall_seconds"], r["setup_seconds"], r["finish_seconds"]))
+        print("  launcher", {k: round(v, 2) for k, v in r.get("launcher_events", {}).items()})
+        print("  steps", {k: round(v, 2) for k, v in r.get("rank_steps_seconds", {}).items()})
+PY
+    pack probe
+    ;;
 phase1)
     nvidia-smi topo -m > "$RESULTS/topology.txt" 2>&1 || true
     setup
     # shellcheck disable=SC2046 # pin's words are meant to split
-    $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
+    $(pin 0 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
         --port 29500 --out "$RESULTS/c1" > "$RESULTS/c1.log" 2>&1 &
     # shellcheck disable=SC2046
-    $(pin 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload reads150 --devices 1 \
+    $(pin 1 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload reads150 --devices 1 \
         --port 29520 --out "$RESULTS/r1" > "$RESULTS/r1.log" 2>&1 &
     (
         gpu_tests 2
         port=29540
         for workload in $N2_WORKLOADS; do
             # shellcheck disable=SC2046
-            $(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
+            $(pin 2 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
                 --devices 2,3 --port $port --out "$RESULTS/${workload:0:1}2" || true
             port=$((port + 20))
         done
@@ -83,10 +122,10 @@ phase1)
 n2)
     [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
     # shellcheck disable=SC2046
-    $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload contigs500 --devices 0,1 \
+    $(pin 0 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload contigs500 --devices 0,1 \
         --port 29540 --out "$RESULTS/c2" > "$RESULTS/c2.log" 2>&1 &
     # shellcheck disable=SC2046
-    $(pin 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload reads150 --devices 2,3 \
+    $(pin 2 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload reads150 --devices 2,3 \
         --port 29560 --out "$RESULTS/r2" > "$RESULTS/r2.log" 2>&1 &
     status=0
     for job in $(jobs -p); do wait "$job" || status=1; done
@@ -99,7 +138,7 @@ phase2)
     port=29600
     for workload in $N4_WORKLOADS; do
         # shellcheck disable=SC2046
-        $(pin 0) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload "$workload" \
+        $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload "$workload" \
             --port $port --out "$RESULTS/${workload:0:1}4" > "$RESULTS/${workload:0:1}4.log" 2>&1 || tail -n 20 "$RESULTS/${workload:0:1}4.log"
         port=$((port + 20))
     done
@@ -114,7 +153,7 @@ phase2)
     pack phase2
     ;;
 *)
-    echo "usage: $0 phase1|n2|phase2" >&2
+    echo "usage: $0 probe|phase1|n2|phase2" >&2
     exit 2
     ;;
 esac

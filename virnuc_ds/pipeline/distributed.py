@@ -81,6 +81,19 @@ class RankContext:
             dist.destroy_process_group()
 
 
+def share_cores(ranks_on_node: int) -> int:
+    """Give this rank its share of the node's cores (those this process may run on): torch's
+    intra-op threads and, unless the user set it, the Rust thread pool of the DNABERT-S tokenizer
+    (RAYON_NUM_THREADS, read when the tokenizer first runs in parallel). Without this every rank
+    of a node starts one thread per core for both, and the ranks contend for the CPU between GPU
+    batches. Returns the share."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, ranks_on_node))
+    torch.set_num_threads(share)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(share))
+    return share
+
+
 def init_ranks(timeout_minutes: int = 60, force_cpu: bool = False) -> RankContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -92,9 +105,8 @@ def init_ranks(timeout_minutes: int = 60, force_cpu: bool = False) -> RankContex
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # share the node's cores among its CPU ranks
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(1, local_world)))
+    if local_world > 1 or not use_cuda:
+        share_cores(local_world)
     distributed = world > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group(

@@ -113,28 +113,37 @@ def _esm2_staging_device(esm2_path, device: torch.device) -> torch.device:
     return device if 5 * Path(esm2_path).stat().st_size < free else torch.device("cpu")
 
 
-def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject):
-    """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device."""
+def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, steps=None):
+    """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device.
+    steps, a dict, receives the seconds of each step (for the run report)."""
     from ..embed.dnabert_s import DnabertSEmbedder
     from ..models.dnabert_s import load_dnabert_s
 
+    steps = {} if steps is None else steps
     # DNABERT-S is read and built on the CPU in a thread while ESM-2 loads onto the GPU
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dnabert-s-load") as pool:
         dnabert_job = pool.submit(load_dnabert_s, dnabert_path)
-        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject)
+        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps)
+        t0 = time.time()
         dmodel, tokenizer = dnabert_job.result()
+        steps["load_dnabert_s_wait"] = time.time() - t0
+    t0 = time.time()
     dna = DnabertSEmbedder(dmodel, tokenizer, device=device, dtype=dna_dtype, toks_per_batch=cfg.dnabert_s.toks_per_batch)
+    steps["load_dnabert_s_to_device"] = time.time() - t0
     return esm, dna, esm_width, dmodel.config.hidden_size
 
 
-def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject):
+def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps):
     from ..embed.esm2 import Esm2Embedder
     from ..models.esm2 import load_esm2
 
-    staging = _esm2_staging_device(esm2_path, device)
     t0 = time.time()
+    staging = _esm2_staging_device(esm2_path, device)
+    t1 = time.time()
     model, alphabet = load_esm2(esm2_path, staging)
-    log.info("ESM-2 weights loaded onto %s in %.1f s", staging, time.time() - t0)
+    t2 = time.time()
+    steps.update(load_esm2_staging=t1 - t0, load_esm2_weights=t2 - t1)
+    log.info("ESM-2 weights loaded onto %s in %.1f s", staging, t2 - t1)
     settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
     try:
         esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
@@ -144,10 +153,12 @@ def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject):
         log.warning("DeepSpeed kernels unavailable (%s); esm2.fallback_to_eager is set: running fair-esm eager", exc)
         model, alphabet = load_esm2(esm2_path)  # the failed injection may have altered the weights
         esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
+    t3 = time.time()
     esm_width = model.embed_dim
     del model  # the embedder holds its own copy of the weights
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    steps.update(load_esm2_embedder=t3 - t2, load_esm2_release=time.time() - t3)
     return esm, esm_width
 
 

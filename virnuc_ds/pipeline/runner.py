@@ -128,10 +128,13 @@ def _prepare_inputs(cfg: Config, input_path: Path, out: Path, check: dict) -> di
 
 
 def run(args) -> int:
+    imports = _seconds_since_process_start()  # interpreter and imports
     cfg = apply_overrides(load_config(args.config), args)
+    t0 = time.time()
     ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu)
     stop = StopFlag()
-    timings: dict[str, float] = {"startup": _seconds_since_process_start()}  # interpreter, imports, launcher
+    timings: dict[str, float] = {"imports": imports, "process_group": time.time() - t0,
+                                 "startup": _seconds_since_process_start()}  # interpreter, imports, process group
     progress = merger = finisher = None
     try:
         out = Path(args.output_dir)
@@ -159,7 +162,7 @@ def run(args) -> int:
 
         def load_models():
             t0 = time.time()
-            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject)
+            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings)
             timings["model_load"] = time.time() - t0
             return loaded
 

@@ -1,0 +1,31 @@
+"""Rank context helpers that need no second process."""
+
+import os
+
+import torch
+
+from virnuc_ds.pipeline.distributed import share_cores
+
+
+def test_ranks_of_a_node_share_its_cores(monkeypatch):
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert share_cores(4) == 16
+        assert torch.get_num_threads() == 16
+        assert os.environ["RAYON_NUM_THREADS"] == "16"  # the DNABERT-S tokenizer's pool
+        assert share_cores(128) == 1  # more ranks than cores: one thread each, never zero
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_users_tokenizer_thread_setting_is_kept(monkeypatch):
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        share_cores(2)
+        assert os.environ["RAYON_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(before)
