@@ -5,7 +5,8 @@
 #   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 contigs500 (GPU 0),
 #                                                    # N=1 reads150 (GPU 1), tests/gpu (GPU 2), then
 #                                                    # N=2 (GPUs 2,3) of $N2_WORKLOADS (default none)
-#   bash benchmarks/scaling_side_by_side.sh n2       # N=2 contigs500 (GPUs 0,1) beside N=2 reads150 (GPUs 2,3)
+#   bash benchmarks/scaling_side_by_side.sh n2       # N=2 of $N2_WORKLOADS (default both) side by side on
+#                                                    # GPUs 0,1 and 2,3; COMBINE=1: then the summary
 #   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
 #                                                    # of every run so far
 #   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
@@ -13,17 +14,17 @@
 #
 # Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
 # cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
-# cores, so jobs side by side never share a core, and N=4 has the whole node. Each phase ends by packing its results into
-# $OUT/<phase>.tgz (the device tool returns only a few files).
+# cores, so jobs side by side never share a core, and N=4 has the whole node. Each phase ends by
+# packing its results into $OUT/<phase>.tgz (the device tool returns only a few files).
 # Sizes: CONTIGS_S / READS_S = ESM-2 seconds on one GPU each sample is sized for (the one-GPU run
-# takes about 1.1x that plus ~30 s). TINY=1 rehearses everything on a CPU with the demo models
+# takes about 1.1x that plus ~20 s: the defaults make it 7.5-8 min). TINY=1 rehearses everything on a CPU with the demo models
 # (with CONTIGS_S=0.3 READS_S=0.3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/scaling_out}
 WORK=${WORK:-/tmp/virnuc_scaling}
-CONTIGS_S=${CONTIGS_S:-400}
-READS_S=${READS_S:-380}
+CONTIGS_S=${CONTIGS_S:-410}
+READS_S=${READS_S:-410}
 N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
 RESULTS=$WORK/results
@@ -55,6 +56,18 @@ gpu_tests() {
 pack() {
     cp -r "$RESULTS" "$OUT/results_$1"
     tar czf "$OUT/$1.tgz" -C "$OUT" "results_$1" && rm -rf "$OUT/results_$1"
+}
+
+# the summary of every run so far in $RESULTS/summary, with each run's report and launcher log
+combine() {
+    folders=()
+    for f in "$RESULTS"/c1 "$RESULTS"/r1 "$RESULTS"/c2 "$RESULTS"/r2 "$RESULTS"/c4 "$RESULTS"/r4; do
+        if [ -f "$f/scaling_summary.json" ]; then folders+=("$f"); fi
+    done
+    mkdir -p "$RESULTS/summary"
+    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
+    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
+    scaling --combine "${folders[@]}" --out "$RESULTS/summary" | tee "$RESULTS/summary/table.txt"
 }
 
 case "${1:-}" in
@@ -121,20 +134,23 @@ phase1)
     ;;
 n2)
     [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
-    # shellcheck disable=SC2046
-    $(pin 0 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload contigs500 --devices 0,1 \
-        --port 29540 --out "$RESULTS/c2" > "$RESULTS/c2.log" 2>&1 &
-    # shellcheck disable=SC2046
-    $(pin 2 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload reads150 --devices 2,3 \
-        --port 29560 --out "$RESULTS/r2" > "$RESULTS/r2.log" 2>&1 &
+    pair=0
+    for workload in ${N2_WORKLOADS:-contigs500 reads150}; do   # side by side, GPUs 0,1 then 2,3
+        # shellcheck disable=SC2046
+        $(pin $((2 * pair)) 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
+            --devices $((2 * pair)),$((2 * pair + 1)) --port $((29540 + 20 * pair)) --out "$RESULTS/${workload:0:1}2" \
+            > "$RESULTS/${workload:0:1}2.log" 2>&1 &
+        pair=$((pair + 1))
+    done
     status=0
     for job in $(jobs -p); do wait "$job" || status=1; done
-    tail -n 4 "$RESULTS"/c2.log "$RESULTS"/r2.log
+    tail -n 4 "$RESULTS"/?2.log
+    [ -n "${COMBINE:-}" ] && combine
     pack n2
     exit $status
     ;;
 phase2)
-    [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
+    setup   # a fresh machine: same seeds, same samples (written once: a warm machine reuses them)
     port=29600
     for workload in $N4_WORKLOADS; do
         # shellcheck disable=SC2046
@@ -142,14 +158,7 @@ phase2)
             --port $port --out "$RESULTS/${workload:0:1}4" > "$RESULTS/${workload:0:1}4.log" 2>&1 || tail -n 20 "$RESULTS/${workload:0:1}4.log"
         port=$((port + 20))
     done
-    folders=()
-    for f in "$RESULTS"/c1 "$RESULTS"/r1 "$RESULTS"/c2 "$RESULTS"/r2 "$RESULTS"/c4 "$RESULTS"/r4; do
-        if [ -f "$f/scaling_summary.json" ]; then folders+=("$f"); fi
-    done
-    mkdir -p "$RESULTS/summary"
-    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
-    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
-    scaling --combine "${folders[@]}" --out "$RESULTS/summary" | tee "$RESULTS/summary/table.txt"
+    combine
     pack phase2
     ;;
 *)

@@ -29,3 +29,14 @@ def test_a_users_tokenizer_thread_setting_is_kept(monkeypatch):
         assert os.environ["RAYON_NUM_THREADS"] == "3"
     finally:
         torch.set_num_threads(before)
+
+
+def test_process_group_backend():
+    from virnuc_ds.pipeline.distributed import process_group_backend
+
+    assert process_group_backend("auto", True, 4, 4) == "gloo"  # one node: every rank here
+    assert process_group_backend("auto", True, 8, 4) == "nccl"  # two nodes
+    assert process_group_backend("auto", True, 8, None) == "nccl"  # the launcher did not say: assume several nodes
+    assert process_group_backend("nccl", True, 4, 4) == "nccl"
+    assert process_group_backend("gloo", True, 8, 4) == "gloo"
+    assert process_group_backend("nccl", False, 4, 4) == "gloo"  # CPU ranks

@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+PROCESS_GROUPS = ("auto", "gloo", "nccl")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunConfig:
     collective_timeout_minutes: int = 60  # a rank waiting longer than this at a barrier fails
     fail_frames: list[str] = field(default_factory=list)  # fault injection: frame ids to fail (tests)
     background_merge: bool = True  # rank 0 merges and classifies finished parts while the GPUs compute
+    process_group: str = "auto"  # auto | gloo | nccl: the backend of the ranks' barriers and small messages
 
 
 @dataclass
@@ -134,6 +136,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("run.frames_per_part: must be positive")
     if cfg.run.collective_timeout_minutes < 1:
         raise ConfigError("run.collective_timeout_minutes: must be positive")
+    if cfg.run.process_group not in PROCESS_GROUPS:
+        raise ConfigError(f"run.process_group: must be one of {', '.join(PROCESS_GROUPS)}, got {cfg.run.process_group!r}")
     if cfg.classify.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"classify.device: must be auto, cpu or cuda, got {cfg.classify.device!r}")
 

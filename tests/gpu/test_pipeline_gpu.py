@@ -64,32 +64,39 @@ def test_classify_on_cuda_against_golden(tmp_path):
 
 
 def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, capfd):
-    """Cap this process's GPU memory just above what a run with small batches needs, then run with
-    a batch budget far above it: the run still completes, logs the retries, and equals the
-    small-batch run."""
+    """Measure the GPU memory a run with small batches and one with large batches need, cap this
+    process between the two, run the large batches under the cap: the run completes, logs the
+    retries, and equals the small-batch run."""
     cfg = yaml.safe_load(gpu_models.read_text())
     cfg["esm2"] = {"toks_per_batch": 1 << 22, "replace_with_kernel_inject": False, "dtype": "bf16"}
     cfg["dnabert_s"] = {"toks_per_batch": 1 << 22}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "big_batches.yaml").write_text(yaml.safe_dump(cfg))
     cfg["esm2"]["toks_per_batch"] = cfg["dnabert_s"]["toks_per_batch"] = 4096
-    (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
-    # the sample 30 times over (new ids): one batch of all of it needs far more than loading the
-    # tiny models does, so the cap below binds on the batches, not on the load
+    (tmp_path / "small_batches.yaml").write_text(yaml.safe_dump(cfg))
     records = SAMPLE.read_text().split(">")[1:]
-    big = tmp_path / "big.fa"
+    big = tmp_path / "big.fa"  # the sample 30 times over (new ids): large batches are large
     big.write_text("".join(f">c{k}_{rec}" for k in range(30) for rec in records))
     args = ["-i", str(big), "-m", "500"]
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_reserved()  # earlier tests in this process may still hold memory
-    torch.cuda.reset_peak_memory_stats()
-    assert main(["run", "-c", str(tmp_path / "small.yaml"), *args, "-o", str(tmp_path / "ref")]) == 0
-    needed = torch.cuda.max_memory_reserved() - before  # weights + the largest 4096-token batch
-    torch.cuda.empty_cache()
+
+    def peak_of_run(config: str, out: str) -> int:
+        """GPU memory the run reserved beyond what this process already held (earlier tests may)."""
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        assert main(["run", "-c", str(tmp_path / config), *args, "-o", str(tmp_path / out)]) == 0
+        peak = torch.cuda.max_memory_reserved() - held
+        torch.cuda.empty_cache()
+        return peak
+
+    small = peak_of_run("small_batches.yaml", "ref")
+    large = peak_of_run("big_batches.yaml", "uncapped")
+    assert large > small + 64 * 2**20, f"large batches need no more memory than small ones ({large} vs {small} bytes)"
     capfd.readouterr()
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + needed + 8 * 2**20) / total)
+    cap = torch.cuda.memory_reserved() + (small + large) // 2
+    torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
-        assert main(["run", "-c", str(tmp_path / "c.yaml"), *args, "-o", str(tmp_path / "capped")]) == 0
+        assert main(["run", "-c", str(tmp_path / "big_batches.yaml"), *args, "-o", str(tmp_path / "capped")]) == 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ from ..progress import ProgressReporter
 from ..run import PREP_DIR
 from ..version import __version__
 from .distributed import init_ranks
-from .embed_part import embed_part, injected_fault_ids, load_embedders
+from .embed_part import embed_part, injected_fault_ids, load_embedders, start_kernel_preload
 from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
@@ -131,7 +131,7 @@ def run(args) -> int:
     imports = _seconds_since_process_start()  # interpreter and imports
     cfg = apply_overrides(load_config(args.config), args)
     t0 = time.time()
-    ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu)
+    ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu, backend_setting=cfg.run.process_group)
     stop = StopFlag()
     timings: dict[str, float] = {"imports": imports, "process_group": time.time() - t0,
                                  "startup": _seconds_since_process_start()}  # interpreter, imports, process group
@@ -151,6 +151,7 @@ def run(args) -> int:
         esm_dtype = resolve_dtype(cfg.esm2.dtype, ctx.device)
         dna_dtype = resolve_dtype(cfg.dnabert_s.dtype, ctx.device)
         kernel_inject = cfg.esm2.replace_with_kernel_inject and ctx.device.type == "cuda"
+        kernel_preload = start_kernel_preload() if kernel_inject else None  # overlaps the checks and the weights
         dtypes = {"esm2": str(esm_dtype), "dnabert_s": str(dna_dtype), "device": ctx.device.type, "kernels": kernel_inject}
         if ctx.is_main:
             log.info(
@@ -162,7 +163,8 @@ def run(args) -> int:
 
         def load_models():
             t0 = time.time()
-            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings)
+            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings,
+                                    kernel_preload)
             timings["model_load"] = time.time() - t0
             return loaded
 
