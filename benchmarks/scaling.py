@@ -315,7 +315,15 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         print(f"{r['gpus']:>4} {r['workload']:<10} {r['esm2_tokens_per_s']:>10.0f}  {r.get('esm2_speedup_vs_1', 1):>6.2f}x "
               f"{r['e2e_seconds']:>6.1f}  {r.get('e2e_speedup_vs_1', 1):>10.2f}x  {100 * r['non_gpu_stage_fraction']:>7.1f}  "
-              f"{r['load_balance_max_dev_pct']:>7.2f}  {r.get('min_cosine_vs_1gpu', 1):.6f}  {r.get('labels_identical_vs_1gpu', True)}")
+              f"{r['load_balance_max_dev_pct']:>7.2f}  {_compared(r)}")
+
+
+def _compared(r: dict) -> str:
+    """The agreement columns; '-' where the run was not compared with a one-GPU output (the one-GPU
+    record itself, or outputs left on another machine)."""
+    if r["gpus"] == 1 or "min_cosine_vs_1gpu" not in r:
+        return "       -  -"
+    return f"{r['min_cosine_vs_1gpu']:.6f}  {r['labels_identical_vs_1gpu']}"
 
 
 def main() -> None:

@@ -79,12 +79,14 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     args = ["-i", str(big), "-m", "500"]
 
     def peak_of_run(config: str, out: str) -> int:
-        """GPU memory the run reserved beyond what this process already held (earlier tests may)."""
+        """GPU memory the run's tensors took at most beyond what this process already held (earlier
+        tests may). Allocated, not reserved: under a cap the allocator frees its cache and retries
+        before it gives up, so only the tensors' own peak decides whether a batch fits."""
         torch.cuda.empty_cache()
-        held = torch.cuda.memory_reserved()
+        held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         assert main(["run", "-c", str(tmp_path / config), *args, "-o", str(tmp_path / out)]) == 0
-        peak = torch.cuda.max_memory_reserved() - held
+        peak = torch.cuda.max_memory_allocated() - held
         torch.cuda.empty_cache()
         return peak
 
