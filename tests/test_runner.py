@@ -193,17 +193,3 @@ def test_settings_that_do_not_change_the_numbers_keep_the_fingerprint(demo, one_
     assert main(["run", "-c", str(tmp_path / "c.yaml"), "-i", str(SAMPLE), "-m", "500", "-o", str(out)]) == 0
     assert "0 to compute" in capsys.readouterr().err
 
-
-def test_kernel_preload_leaves_failures_to_the_main_thread():
-    """On a machine without a GPU the op cannot load: the preload thread ends quietly, and the
-    main thread's own call raises the error the user sees."""
-    from virnuc_ds.embed.esm2_kernels import KernelUnavailableError, prebuild_inference_op
-    from virnuc_ds.pipeline.embed_part import start_kernel_preload
-
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without a GPU")
-    thread = start_kernel_preload()
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    with pytest.raises(KernelUnavailableError, match="need a CUDA GPU"):
-        prebuild_inference_op()

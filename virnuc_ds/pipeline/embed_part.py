@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,30 +113,9 @@ def _esm2_staging_device(esm2_path, device: torch.device) -> torch.device:
     return device if 5 * Path(esm2_path).stat().st_size < free else torch.device("cpu")
 
 
-def start_kernel_preload() -> threading.Thread:
-    """Import DeepSpeed and load (or, the first time, build) its transformer_inference op in a
-    thread, while this rank checks its inputs and loads the weights: `import deepspeed` alone takes
-    ~2.5 s on an H200 node, the first build ~45 s. Failures are left for the main thread to meet
-    and report; it joins this thread before it builds the ESM-2 kernels."""
-
-    def preload():
-        try:
-            from ..embed.esm2_kernels import prebuild_inference_op
-
-            prebuild_inference_op()
-        except Exception:  # noqa: BLE001 - the main thread repeats this and reports the error
-            pass
-
-    thread = threading.Thread(target=preload, name="kernel-preload", daemon=True)
-    thread.start()
-    return thread
-
-
-def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, steps=None,
-                   kernel_preload: threading.Thread | None = None):
+def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, steps=None):
     """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device.
-    steps, a dict, receives the seconds of each step (for the run report); kernel_preload, the
-    thread of start_kernel_preload, is joined before the ESM-2 kernels are built."""
+    steps, a dict, receives the seconds of each step (for the run report)."""
     from ..embed.dnabert_s import DnabertSEmbedder
     from ..models.dnabert_s import load_dnabert_s
 
@@ -145,7 +123,7 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     # DNABERT-S is read and built on the CPU in a thread while ESM-2 loads onto the GPU
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dnabert-s-load") as pool:
         dnabert_job = pool.submit(load_dnabert_s, dnabert_path)
-        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps, kernel_preload)
+        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps)
         t0 = time.time()
         dmodel, tokenizer = dnabert_job.result()
         steps["load_dnabert_s_wait"] = time.time() - t0
@@ -155,7 +133,7 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     return esm, dna, esm_width, dmodel.config.hidden_size
 
 
-def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps, kernel_preload=None):
+def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps):
     from ..embed.esm2 import Esm2Embedder
     from ..models.esm2 import load_esm2
 
@@ -167,11 +145,6 @@ def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps,
     steps.update(load_esm2_staging=t1 - t0, load_esm2_weights=t2 - t1)
     log.info("ESM-2 weights loaded onto %s in %.1f s", staging, t2 - t1)
     settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
-    if kernel_preload is not None:
-        kernel_preload.join()
-        t2b = time.time()
-        steps["load_kernel_preload_wait"] = t2b - t2
-        t2 = t2b
     try:
         esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
     except VirnucError as exc:

@@ -2,7 +2,7 @@
 
   check the output folder (rank 0)  -> fingerprint of input, config and models; --force clears
   prepare (rank 0, all CPU cores)   -> OUT/prep/{chunked.fa, identified_nucleotide.fa, identified_protein.faa}
-     while every rank loads its models (the load overlaps rank 0's prepare)
+     in a process of its own, while every rank loads its models
   plan parts + assign to ranks      -> pipeline/shard.py (length-sorted, token-balanced, any world size)
   embed my parts                    -> OUT/parts/part-NNNNNN.h5 (atomic, one per finished part)
      while rank 0's background merge scatters finished parts into OUT/embeddings.h5 and classifies them
@@ -13,7 +13,6 @@ Rerunning the same command resumes: finished parts are skipped. `--force` starts
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import shutil
@@ -26,16 +25,17 @@ import torch
 from ..atomic import ensure_writable_dir, remove_stale_temporaries
 from ..config import Config, load_config
 from ..errors import InputError, InterruptedRun
-from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA, prepare
+from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA
 from ..progress import ProgressReporter
 from ..run import PREP_DIR
 from ..version import __version__
 from .distributed import init_ranks
-from .embed_part import embed_part, injected_fault_ids, load_embedders, start_kernel_preload
+from .embed_part import embed_part, injected_fault_ids, load_embedders
 from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, BackgroundMerge
+from .prepare_stage import PrepareInBackground
 from .parts import PARTS_DIR, PartFinisher, part_is_complete
 from .shard import assign_parts, plan_parts
 
@@ -108,25 +108,6 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
     return {"fingerprint": fingerprint, "prepared": prepared, "new_manifest": new_manifest}
 
 
-def _prepare_inputs(cfg: Config, input_path: Path, out: Path, check: dict) -> dict:
-    """Rank 0: chunk and translate the input into OUT/prep (nothing is left there on bad input)."""
-    t0 = time.time()
-    prep = out / PREP_DIR
-    try:
-        stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers)
-        if stats.frames == 0:
-            shutil.rmtree(prep, ignore_errors=True)
-            raise InputError(input_path, f"no open reading frame: no {cfg.prepare.expected_length}-bp chunk has a "
-                             "frame of at least one codon without a stop codon, so there is nothing to embed")
-    except BaseException:
-        # bad input leaves no partial output: without this, the corrected input is refused
-        # as "another input_sha256" on the rerun
-        if check["new_manifest"]:
-            (out / MANIFEST).unlink(missing_ok=True)
-        raise
-    return {"fingerprint": check["fingerprint"], "seconds": time.time() - t0, "stats": stats.__dict__}
-
-
 def run(args) -> int:
     imports = _seconds_since_process_start()  # interpreter and imports
     cfg = apply_overrides(load_config(args.config), args)
@@ -151,7 +132,6 @@ def run(args) -> int:
         esm_dtype = resolve_dtype(cfg.esm2.dtype, ctx.device)
         dna_dtype = resolve_dtype(cfg.dnabert_s.dtype, ctx.device)
         kernel_inject = cfg.esm2.replace_with_kernel_inject and ctx.device.type == "cuda"
-        kernel_preload = start_kernel_preload() if kernel_inject else None  # overlaps the checks and the weights
         dtypes = {"esm2": str(esm_dtype), "dnabert_s": str(dna_dtype), "device": ctx.device.type, "kernels": kernel_inject}
         if ctx.is_main:
             log.info(
@@ -163,8 +143,7 @@ def run(args) -> int:
 
         def load_models():
             t0 = time.time()
-            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings,
-                                    kernel_preload)
+            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings)
             timings["model_load"] = time.time() - t0
             return loaded
 
@@ -175,21 +154,20 @@ def run(args) -> int:
         )
         fingerprint = check["fingerprint"]
 
-        # 2. prepare (rank 0, every core of its node, in a thread) while every rank loads its
+        # 2. prepare (rank 0, every core of its node, in a process of its own) while every rank loads its
         #    models; a resumed run has its prep already and loads models only if parts remain
         embedders = None
         if check["prepared"]:
             log.info("prepare: reusing %s", out / PREP_DIR)
             prep_info = {"fingerprint": fingerprint, "seconds": 0.0, "stats": None}
         else:
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-                job = pool.submit(_prepare_inputs, cfg, input_path, out, check) if ctx.is_main else None
-                try:
-                    embedders = load_models()
-                finally:
-                    t_wait = time.time()
-                    prep_info = ctx.on_main(job.result if job is not None else None)
-                    timings["prepare_wait"] = time.time() - t_wait
+            job = PrepareInBackground(cfg, input_path, out, check, args.verbose) if ctx.is_main else None
+            try:
+                embedders = load_models()
+            finally:
+                t_wait = time.time()
+                prep_info = ctx.on_main(job.result if job is not None else None)
+                timings["prepare_wait"] = time.time() - t_wait
         timings["prepare"] = prep_info["seconds"]
 
         # 3. plan: length-sorted parts, dealt to ranks by tokens
