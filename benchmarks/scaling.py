@@ -241,11 +241,49 @@ def combine(folders: list[Path], out: Path) -> list[dict]:
         a, b = Path(raw[f"{base['workload']}_1"]["out_dir"]), Path(raw[f"{rec['workload']}_{rec['gpus']}"]["out_dir"])
         if (a / "embeddings.h5").exists() and (b / "embeddings.h5").exists():
             rec.update(compare(a, b))
+        else:  # the outputs stayed on the machines that made them: compare the runs' samples of them
+            samples = [next((f / agreement_sample_name(r) for f in folders if (f / agreement_sample_name(r)).exists()), None)
+                       for r in (base, rec)]
+            if all(samples):
+                rec.update(compare_samples(*samples))
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling_summary.json").write_text(json.dumps(records, indent=1))
     (out / "scaling_raw.json").write_text(json.dumps(raw, indent=1, default=str))
     plot(records, out / "scaling.png")
     return records
+
+
+AGREEMENT_STRIDE = 997  # every 997th frame's features go into a run's agreement sample (a prime: no
+#                         pattern of the part layout lines up with it)
+
+
+def agreement_sample_name(rec: dict) -> str:
+    return f"agreement_{rec['workload']}_{rec['gpus']}.npz"
+
+
+def write_agreement_sample(run_out: Path, path: Path, stride: int = AGREEMENT_STRIDE) -> None:
+    """A small, portable stand-in for a run's outputs, for comparing runs made on different
+    machines: every label, and the features of every stride-th frame (float32, ~2 MB for the
+    issue-sized reads150 sample)."""
+    import h5py
+
+    with h5py.File(run_out / "embeddings.h5") as f:
+        ids = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["ids"][::stride]])
+        features = np.concatenate([f[k][::stride] for k in ("dnabert_s", "esm2")], axis=1).astype(np.float32)
+    labels = [r.split("\t")[1] for r in (run_out / "prediction_results.txt").read_text().splitlines()[1:]]
+    np.savez_compressed(path, ids=ids, features=features, labels=np.array(labels))
+
+
+def compare_samples(a: Path, b: Path) -> dict:
+    """compare() on two agreement samples: the same frames' cosine, every label."""
+    sa, sb = np.load(a), np.load(b)
+    assert sa["ids"].shape == sb["ids"].shape and (sa["ids"] == sb["ids"]).all(), "frame ids differ between runs"
+    xa, xb = sa["features"].astype(np.float64), sb["features"].astype(np.float64)
+    cos = (xa * xb).sum(1) / (np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1))
+    la, lb = sa["labels"], sb["labels"]
+    return {"min_cosine_vs_1gpu": float(cos.min()), "labels_identical_vs_1gpu": bool(la.shape == lb.shape and (la == lb).all()),
+            "label_agreement_vs_1gpu": float(np.mean(la == lb)) if la.shape == lb.shape else 0.0,
+            "agreement_from": f"a sample of every {AGREEMENT_STRIDE}th frame's features ({len(xa)} frames) and every label"}
 
 
 def compare(a: Path, b: Path, rows_per_block: int = 65536) -> dict:
@@ -397,6 +435,7 @@ def main() -> None:
             run_out = work / f"out_{workload}_{n}"
             res = run_n(n, cfg, sample, length, run_out, args.port + 10 * w + i, devices)
             raw[f"{workload}_{n}"] = res
+            write_agreement_sample(run_out, out / f"agreement_{workload}_{n}.npz")
             agreement = compare(base_out, run_out) if base_out else {}
             rec = summarize(n, workload, res, base_rec, agreement, dict(meta, input_sequences=n_seqs))
             records.append(rec)

@@ -2,6 +2,8 @@
 # The issue-sized scaling benchmark on one 4-GPU node, in device calls of under 10 minutes each
 # (a warm machine keeps models, samples and runs in $WORK between calls):
 #
+#   bash benchmarks/scaling_side_by_side.sh setup    # models, samples, the op build (~90 s on a fresh
+#                                                    # machine; every phase runs it, ~10 s once done)
 #   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 contigs500 (GPU 0),
 #                                                    # N=1 reads150 (GPU 1), tests/gpu (GPU 2), then
 #                                                    # N=2 (GPUs 2,3) of $N2_WORKLOADS (default none)
@@ -23,8 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/scaling_out}
 WORK=${WORK:-/tmp/virnuc_scaling}
-CONTIGS_S=${CONTIGS_S:-410}
-READS_S=${READS_S:-410}
+CONTIGS_S=${CONTIGS_S:-385}
+READS_S=${READS_S:-385}
 N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
 RESULTS=$WORK/results
@@ -54,8 +56,18 @@ gpu_tests() {
 }
 
 pack() {
+    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
+    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
+    rm -rf "$OUT/results_$1"
     cp -r "$RESULTS" "$OUT/results_$1"
     tar czf "$OUT/$1.tgz" -C "$OUT" "results_$1" && rm -rf "$OUT/results_$1"
+}
+
+# a phase cut short by its caller's time limit (SIGTERM, e.g. `timeout 575 bash ...`) still packs
+# what its finished runs left
+pack_on_term() {
+    # shellcheck disable=SC2064 # the phase name is fixed when the trap is set
+    trap "echo 'stopped by SIGTERM: packing what is done' >&2; kill \$(jobs -p) 2> /dev/null; pack $1; exit 124" TERM
 }
 
 # the summary of every run so far in $RESULTS/summary, with each run's report and launcher log
@@ -65,13 +77,17 @@ combine() {
         if [ -f "$f/scaling_summary.json" ]; then folders+=("$f"); fi
     done
     mkdir -p "$RESULTS/summary"
-    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
-    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
     scaling --combine "${folders[@]}" --out "$RESULTS/summary" | tee "$RESULTS/summary/table.txt"
 }
 
 case "${1:-}" in
+setup)
+    pack_on_term setup
+    setup
+    pack setup
+    ;;
 probe)
+    pack_on_term probe
     # where the fixed costs go, on a small sample: import times of the launch chain, N=1 and N=4
     # with every rank's start-up and load steps; tests/gpu beside the setup
     gpu_tests 3 &
@@ -108,6 +124,7 @@ PY
     pack probe
     ;;
 phase1)
+    pack_on_term phase1
     nvidia-smi topo -m > "$RESULTS/topology.txt" 2>&1 || true
     setup
     # shellcheck disable=SC2046 # pin's words are meant to split
@@ -133,6 +150,7 @@ phase1)
     exit $status
     ;;
 n2)
+    pack_on_term n2
     [ -f "$WORK/contigs500.fa" ] || setup   # a fresh machine: same seeds, same samples
     pair=0
     for workload in ${N2_WORKLOADS:-contigs500 reads150}; do   # side by side, GPUs 0,1 then 2,3
@@ -150,6 +168,7 @@ n2)
     exit $status
     ;;
 phase2)
+    pack_on_term phase2
     setup   # a fresh machine: same seeds, same samples (written once: a warm machine reuses them)
     port=29600
     for workload in $N4_WORKLOADS; do
@@ -162,7 +181,7 @@ phase2)
     pack phase2
     ;;
 *)
-    echo "usage: $0 probe|phase1|n2|phase2" >&2
+    echo "usage: $0 setup|probe|phase1|n2|phase2" >&2
     exit 2
     ;;
 esac

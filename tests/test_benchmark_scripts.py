@@ -1,6 +1,7 @@
 """The GPU benchmark scripts' CPU parts: sample generation, summaries, comparisons and plots."""
 
 import importlib.util
+import shutil
 import json
 
 import pytest
@@ -58,3 +59,37 @@ def test_combining_side_by_side_jobs_gives_speedups_and_agreement(one_rank, tmp_
     assert records[1]["min_cosine_vs_1gpu"] == pytest.approx(1.0) and records[1]["labels_identical_vs_1gpu"]
     assert 0 < records[1]["non_gpu_stage_fraction"] < 1 and records[1]["setup_seconds"] > 0
     assert (tmp_path / "all" / "scaling.png").stat().st_size > 10_000
+
+
+def test_runs_on_different_machines_are_compared_through_their_agreement_samples(one_rank, tmp_path):
+    """The one-GPU and four-GPU outputs left on two machines: combine compares the small samples
+    each run left beside its summary, and a changed label or feature shows."""
+    import h5py
+    import numpy as np
+
+    scaling = load("scaling")
+    report = json.loads((one_rank / "run_report.json").read_text())
+    meta = {"gpu": "test", "commit": "x"}
+    for n, name in ((1, "a"), (4, "b")):
+        res = {"wall": 10.0 / n, "report": report, "out_dir": str(tmp_path / "gone" / name)}
+        rec = scaling.summarize(n, "contigs500", res, None, {}, meta)
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "scaling_summary.json").write_text(json.dumps([rec]))
+        (folder / "scaling_raw.json").write_text(json.dumps({f"contigs500_{n}": res}))
+        scaling.write_agreement_sample(one_rank, folder / scaling.agreement_sample_name(rec), stride=1)
+    same = scaling.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "all")[1]
+    assert same["min_cosine_vs_1gpu"] == pytest.approx(1.0) and same["labels_identical_vs_1gpu"]
+
+    changed = tmp_path / "changed"
+    shutil.copytree(one_rank, changed)
+    with h5py.File(changed / "embeddings.h5", "r+") as f:
+        f["esm2"][0] = -f["esm2"][0]
+    lines = (changed / "prediction_results.txt").read_text().splitlines()
+    cells = lines[1].split("\t")
+    cells[1] = "virus" if cells[1] != "virus" else "non-virus"
+    (changed / "prediction_results.txt").write_text("\n".join([lines[0], "\t".join(cells), *lines[2:]]) + "\n")
+    scaling.write_agreement_sample(changed, tmp_path / "b" / "agreement_contigs500_4.npz", stride=1)
+    differs = scaling.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "all")[1]
+    assert differs["min_cosine_vs_1gpu"] < 0.9999 and not differs["labels_identical_vs_1gpu"]
+    assert np.load(tmp_path / "b" / "agreement_contigs500_4.npz")["features"].dtype == np.float32
