@@ -67,11 +67,13 @@ class MergeWriter:
 
     # -- the embeddings file ---------------------------------------------------------------
     def _create(self, widths: dict[str, int]) -> None:
-        """Full-size contiguous datasets, allocated now and never filled, mapped into memory."""
+        """Full-size contiguous datasets, allocated now and never filled, mapped into memory; the
+        frame ids are written now too (a few seconds for a million frames, off the run's end)."""
         self.tmp = temporary_path(self.out / EMBEDDINGS_H5)
         n = len(self.frame_ids)
         offsets = {}
         with h5py.File(self.tmp, "w") as f:
+            f.create_dataset("ids", data=np.array(self.frame_ids, dtype=object), dtype=UTF8_STRING)
             for name in EMBEDDING_DATASETS:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_layout(h5py.h5d.CONTIGUOUS)
@@ -130,6 +132,7 @@ class MergeWriter:
             np.subtract.at(self.filled, earlier[1], 1)
         for name in EMBEDDING_DATASETS:
             self.maps[name][idx] = part[name]
+            self.maps[name].flush()  # written back part by part: finish() has only the last to sync
         np.add.at(self.filled, idx, 1)
         self.added[path] = (key, idx)
         t1 = time.time()
@@ -179,7 +182,6 @@ class MergeWriter:
         final = self.out / EMBEDDINGS_H5
         if keep.all():
             with h5py.File(self.tmp, "r+") as f:
-                f.create_dataset("ids", data=np.array(self.frame_ids, dtype=object), dtype=UTF8_STRING)
                 for k, v in attrs.items():
                     f.attrs[k] = "" if v is None else v
             source = self.tmp
