@@ -193,6 +193,7 @@ def summarize(n: int, workload: str, res: dict, base: dict | None, agreement: di
         "prepare_seconds": rep["prepare"]["seconds"],
         "model_load_seconds": max(r.get("model_load", 0.0) for r in ranks),
         "dnabert_s_seconds": max(r.get("dnabert_s", 0.0) for r in ranks),
+        "part_write_seconds": max(r.get("part_write", 0.0) for r in ranks),  # after each part's last batch
         "esm2_seconds": esm_wall,
         "merge_seconds": rep["merge_seconds"],
         "classify_seconds": rep["classify_seconds"],

@@ -220,3 +220,20 @@ def test_summary_line_with_ranks_not_reporting_yet():
               "gpu_max_memory_bytes": 3 * 2**30}
     line = summary_line([status, None])
     assert "5/10 frames (50.0%)" in line and "ETA 0:01:05" in line and "3.0 GiB" in line
+
+
+def test_progress_updates_stay_off_the_disk_sync_path(tmp_path, monkeypatch):
+    """A rank rewrites its status file after every part, on the GPU's path: atomically (never
+    half-written) but without the two fsyncs (file and folder) a result file gets."""
+    import os
+
+    monkeypatch.setenv("VIRNUC_DS_PROGRESS", "off")
+    reporter = ProgressReporter(tmp_path, 1, 2, total_frames=20, total_parts=2)
+    syncs = []
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd))
+    reporter.part_done(frames=10, tokens=1_000, seconds=1.0)
+    reporter.part_done(frames=10, tokens=1_000, seconds=1.0)
+    assert syncs == []
+    assert json.loads(status_path(tmp_path, 1).read_text())["frames_done"] == 20
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary left behind
+    reporter.close()

@@ -26,16 +26,21 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike):
+def atomic_path(final: str | os.PathLike, durable: bool = True):
     """Yield a temporary path beside `final`; rename it to `final` when the block succeeds.
 
     The temporary name starts with '.' and ends with '.tmp', so nothing reading the folder takes it
     for a result. On an exception the temporary file is removed and `final` is left untouched.
+    durable=False skips the fsyncs: readers still never see a half-written file, but a power cut
+    may lose the latest version (for status files rewritten all the time).
     """
     tmp = temporary_path(final)
     try:
         yield tmp
-        durable_rename(tmp, final)
+        if durable:
+            durable_rename(tmp, final)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -60,9 +65,9 @@ def durable_rename(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(final: str | os.PathLike, mode: str = "w", **kwargs):
+def atomic_open(final: str | os.PathLike, mode: str = "w", durable: bool = True, **kwargs):
     """Open a temporary file for writing; it becomes `final` only if the block succeeds."""
-    with atomic_path(final) as tmp:
+    with atomic_path(final, durable) as tmp:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
 

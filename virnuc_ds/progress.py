@@ -198,7 +198,8 @@ class ProgressReporter:
         self.status.updated = time.time()
         path = status_path(self.output_dir, self.status.rank)
         try:
-            with atomic_open(path) as fh:
+            # not fsync'd: written after every part on the GPU's path, and a lost update costs nothing
+            with atomic_open(path, durable=False) as fh:
                 json.dump(asdict(self.status), fh)
         except OSError as exc:  # progress is never worth failing a run
             log.debug("could not write %s: %s", path, exc)

@@ -198,7 +198,8 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
     else:
         failed_file.unlink(missing_ok=True)
     tokens = sum(esm_embedder.token_count(p) for p in proteins)
-    return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "esm2_tokens": tokens, "failed_frames": len({f.item for f in failures})}
+    return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "part_write": time.time() - t2, "esm2_tokens": tokens,
+            "failed_frames": len({f.item for f in failures})}
 
 
 def sync(device: torch.device) -> None:

@@ -190,7 +190,7 @@ def run(args) -> int:
                 embedders = load_models()
             timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
-            totals = {"dnabert_s": 0.0, "esm2": 0.0, "esm2_tokens": 0, "failed_frames": 0}
+            totals = {"dnabert_s": 0.0, "esm2": 0.0, "part_write": 0.0, "esm2_tokens": 0, "failed_frames": 0}
             finisher = PartFinisher()  # fsync + rename of finished parts, off the GPU's path
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
