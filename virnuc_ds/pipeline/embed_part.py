@@ -181,16 +181,19 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
     t2 = time.time()
     failures = dna_failed + esm_failed
     ok = np.isfinite(dna).all(1) & np.isfinite(esm).all(1)
-    rows_index, rows_ids, rows_dna, rows_esm = need[ok], [i for i, good in zip(ids, ok) if good], dna[ok], esm[ok]
-    if kept is not None:
-        rows_index = np.concatenate([kept["frame_index"], rows_index])
-        rows_ids = kept["ids"] + rows_ids
-        rows_dna = np.concatenate([kept["dnabert_s"], rows_dna])
-        rows_esm = np.concatenate([kept["esm2"], rows_esm])
-    position = {int(f): k for k, f in enumerate(part.frames)}
-    order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
-    write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order], fingerprint,
-               finisher)
+    if kept is None and ok.all():  # the usual case: every frame of the part, already in its order
+        write_part(path, part.index, need, ids, dna, esm, fingerprint, finisher)
+    else:
+        rows_index, rows_ids, rows_dna, rows_esm = need[ok], [i for i, good in zip(ids, ok) if good], dna[ok], esm[ok]
+        if kept is not None:
+            rows_index = np.concatenate([kept["frame_index"], rows_index])
+            rows_ids = kept["ids"] + rows_ids
+            rows_dna = np.concatenate([kept["dnabert_s"], rows_dna])
+            rows_esm = np.concatenate([kept["esm2"], rows_esm])
+        position = {int(f): k for k, f in enumerate(part.frames)}
+        order = np.argsort([position[int(f)] for f in rows_index], kind="stable")  # the part's own order
+        write_part(path, part.index, rows_index[order], [rows_ids[k] for k in order], rows_dna[order], rows_esm[order],
+                   fingerprint, finisher)
     failed_file = failures_path(out, part.index)
     if failures:
         with atomic_open(failed_file) as fh:

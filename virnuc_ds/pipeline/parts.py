@@ -36,18 +36,23 @@ def _write_part_file(tmp: Path, index, frame_index, ids, dnabert_s, esm2, finger
 
 def write_part(path: Path, index: int, frame_index: np.ndarray, ids: list[str], dnabert_s: np.ndarray, esm2: np.ndarray,
                fingerprint: str, finisher: "PartFinisher | None" = None) -> None:
-    """Write the part to a temporary file, then fsync + rename it into place: here, or in the
-    finisher's thread (the fsync of a 27 MB part costs ~50 ms the GPU would otherwise wait)."""
+    """Write the part to a temporary file, fsync it and rename it into place: here, or in the
+    finisher's thread (writing and syncing a 27 MB part takes tens of ms the GPU would otherwise
+    wait). The arrays must not change afterwards."""
+    if finisher is None:
+        _write_and_rename(path, index, frame_index, ids, dnabert_s, esm2, fingerprint)
+    else:
+        finisher.submit(_write_and_rename, path, index, frame_index, ids, dnabert_s, esm2, fingerprint)
+
+
+def _write_and_rename(path: Path, index, frame_index, ids, dnabert_s, esm2, fingerprint) -> None:
     tmp = temporary_path(path)
     try:
         _write_part_file(tmp, index, frame_index, ids, dnabert_s, esm2, fingerprint)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if finisher is None:
-        _rename_or_remove(tmp, path)
-    else:
-        finisher.submit(tmp, path)
+    _rename_or_remove(tmp, path)
 
 
 def _rename_or_remove(tmp: Path, path: Path) -> None:
@@ -59,19 +64,23 @@ def _rename_or_remove(tmp: Path, path: Path) -> None:
 
 
 class PartFinisher:
-    """One background thread that fsyncs and renames finished parts into place, in order.
+    """One background thread that writes, fsyncs and renames finished parts into place, in order.
 
     A part counts as done once renamed; `drain()` waits for every submitted part (the runner calls
     it before the ranks meet at the barrier, and on its way out, so no finished part is dropped)
-    and re-raises a failure. A crash before the rename loses that part only: it is recomputed."""
+    and re-raises a failure. A crash before the rename loses that part only: it is recomputed.
+    At most `max_pending` parts wait (their arrays in memory); submit() waits beyond that."""
 
-    def __init__(self):
+    def __init__(self, max_pending: int = 2):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="part-finisher")
         self._pending: list[concurrent.futures.Future] = []
+        self.max_pending = max_pending
 
-    def submit(self, tmp: Path, path: Path) -> None:
+    def submit(self, fn, *args) -> None:
         self._raise_failures()
-        self._pending.append(self._pool.submit(_rename_or_remove, tmp, path))
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args))
 
     def _raise_failures(self) -> None:
         still = []

@@ -191,7 +191,7 @@ def run(args) -> int:
             timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
             totals = {"dnabert_s": 0.0, "esm2": 0.0, "part_write": 0.0, "esm2_tokens": 0, "failed_frames": 0}
-            finisher = PartFinisher()  # fsync + rename of finished parts, off the GPU's path
+            finisher = PartFinisher()  # write, fsync and rename finished parts off the GPU's path
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
                 t_part = time.time()
