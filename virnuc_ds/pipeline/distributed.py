@@ -98,9 +98,11 @@ def share_cores(ranks_on_node: int) -> int:
 def process_group_backend(setting: str, use_cuda: bool, world: int, local_world_named: int | None) -> str:
     """The torch.distributed backend for the run's barriers and small messages (run.process_group).
     auto: gloo when every rank is on this node (the launcher says how many ranks the node has and
-    that is all of them): a TCP rendezvous on the loopback, ready in a fraction of a second, where
-    NCCL builds communicators across the GPUs (~2 s on 4 H200s) that only carry barriers here.
-    nccl otherwise: across nodes NCCL finds a usable network interface itself. CPU ranks: gloo."""
+    that is all of them): a TCP rendezvous on the loopback that takes no GPU memory, and whose
+    barrier names the ranks that did not arrive; NCCL would build GPU communicators to carry only
+    barriers. (Start-up time is the same either way: the rendezvous waits for the slowest rank's
+    imports.) nccl otherwise: across nodes NCCL finds a usable network interface itself. CPU ranks:
+    gloo."""
     if not use_cuda:
         return "gloo"
     if setting == "auto":

@@ -35,8 +35,8 @@ from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fin
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, BackgroundMerge
-from .prepare_stage import PrepareInBackground
 from .parts import PARTS_DIR, PartFinisher, part_is_complete
+from .prepare_stage import PrepareInBackground
 from .shard import assign_parts, plan_parts
 
 log = logging.getLogger("virnuc_ds.run")
@@ -161,7 +161,7 @@ def run(args) -> int:
             log.info("prepare: reusing %s", out / PREP_DIR)
             prep_info = {"fingerprint": fingerprint, "seconds": 0.0, "stats": None}
         else:
-            job = PrepareInBackground(cfg, input_path, out, check, args.verbose) if ctx.is_main else None
+            job = PrepareInBackground(cfg, input_path, out, check, getattr(args, "verbose", False)) if ctx.is_main else None
             try:
                 embedders = load_models()
             finally:
