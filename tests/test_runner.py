@@ -193,3 +193,39 @@ def test_settings_that_do_not_change_the_numbers_keep_the_fingerprint(demo, one_
     assert main(["run", "-c", str(tmp_path / "c.yaml"), "-i", str(SAMPLE), "-m", "500", "-o", str(out)]) == 0
     assert "0 to compute" in capsys.readouterr().err
 
+
+
+def test_a_killed_prepare_process_is_a_clear_error(tmp_path):
+    """The prepare process killed mid-way (here while it waits on an input that is a FIFO nobody
+    writes): rank 0 gets a one-line error to act on, not a pool's traceback."""
+    import signal
+
+    from virnuc_ds.config import Config
+    from virnuc_ds.errors import VirnucError
+    from virnuc_ds.pipeline.prepare_stage import PrepareInBackground
+
+    fifo = tmp_path / "input.fa"
+    os.mkfifo(fifo)
+    job = PrepareInBackground(Config(), fifo, tmp_path / "out", {"fingerprint": "f", "new_manifest": False})
+    for process in list(job._pool._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(VirnucError, match="prepare's process ended abruptly"):
+        job.result()
+    assert not (tmp_path / "out" / "prep" / "identified_protein.faa").exists()
+
+
+def test_prepare_reports_how_far_it_got(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from virnuc_ds.config import Config
+    from virnuc_ds.pipeline import prepare_stage
+
+    monkeypatch.setattr(prepare_stage, "PROGRESS_EVERY_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="virnuc_ds.run")
+    cfg = Config()
+    cfg.prepare.expected_length = 500
+    cfg.prepare.workers = 1
+    out = tmp_path / "out"
+    info = prepare_stage.prepare_inputs(cfg, ROOT / "examples" / "sample.fa", out, {"fingerprint": "f", "new_manifest": False})
+    assert info["stats"]["frames"] > 0
+    assert "prepare: " in caplog.text and " frames so far" in caplog.text

@@ -10,25 +10,39 @@ ready in a fraction of a second.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, VirnucError
 from ..prep.prepare import prepare
 from ..run import PREP_DIR
 from .fingerprint import MANIFEST
 
+log = logging.getLogger("virnuc_ds.run")
+PROGRESS_EVERY_SECONDS = 30.0
+
 
 def prepare_inputs(cfg, input_path: Path, out: Path, check: dict) -> dict:
-    """Chunk and translate the input into OUT/prep (nothing is left there on bad input).
-    Returns {"fingerprint", "seconds", "stats"}."""
+    """Chunk and translate the input into OUT/prep (nothing is left there on bad input), logging
+    how far it got every PROGRESS_EVERY_SECONDS on a large input. Returns {"fingerprint",
+    "seconds", "stats"}."""
     t0 = time.time()
     prep = out / PREP_DIR
+    last = [t0]
+
+    def progress(stats) -> None:
+        now = time.time()
+        if now - last[0] >= PROGRESS_EVERY_SECONDS:
+            last[0] = now
+            log.info("prepare: %d records, %d frames so far (%.0f s)", stats.records, stats.frames, now - t0)
+
     try:
-        stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers)
+        stats = prepare(input_path, cfg.prepare.expected_length, prep, workers=cfg.prepare.workers, progress=progress)
         if stats.frames == 0:
             shutil.rmtree(prep, ignore_errors=True)
             raise InputError(input_path, f"no open reading frame: no {cfg.prepare.expected_length}-bp chunk has a "
@@ -60,5 +74,8 @@ class PrepareInBackground:
     def result(self) -> dict:
         try:
             return self._future.result()
+        except BrokenProcessPool:
+            raise VirnucError("prepare's process ended abruptly (killed, e.g. by the system for lack of memory); "
+                              "nothing of it is kept: rerun the same command") from None
         finally:
             self._pool.shutdown(wait=True)
