@@ -271,20 +271,33 @@ def write_agreement_sample(run_out: Path, path: Path, stride: int = AGREEMENT_ST
     with h5py.File(run_out / "embeddings.h5") as f:
         ids = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["ids"][::stride]])
         features = np.concatenate([f[k][::stride] for k in ("dnabert_s", "esm2")], axis=1).astype(np.float32)
-    labels = [r.split("\t")[1] for r in (run_out / "prediction_results.txt").read_text().splitlines()[1:]]
-    np.savez_compressed(path, ids=ids, features=features, labels=np.array(labels))
+    np.savez_compressed(path, ids=ids, features=features, labels=np.array(run_labels(run_out)))
+
+
+def run_labels(run_out: Path) -> list[str]:
+    """The Prediction column of a run's prediction_results.txt."""
+    return [r.split("\t")[1] for r in (run_out / "prediction_results.txt").read_text().splitlines()[1:]]
+
+
+def min_row_cosine(xa: np.ndarray, xb: np.ndarray) -> float:
+    """The smallest cosine between corresponding rows of two [n, D] feature blocks."""
+    xa, xb = xa.astype(np.float64), xb.astype(np.float64)
+    return float(((xa * xb).sum(1) / (np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1))).min())
+
+
+def agreement(min_cos: float, la, lb) -> dict:
+    la, lb = np.asarray(la), np.asarray(lb)
+    same_shape = la.shape == lb.shape
+    return {"min_cosine_vs_1gpu": min_cos, "labels_identical_vs_1gpu": bool(same_shape and (la == lb).all()),
+            "label_agreement_vs_1gpu": float(np.mean(la == lb)) if same_shape else 0.0}
 
 
 def compare_samples(a: Path, b: Path) -> dict:
     """compare() on two agreement samples: the same frames' cosine, every label."""
     sa, sb = np.load(a), np.load(b)
     assert sa["ids"].shape == sb["ids"].shape and (sa["ids"] == sb["ids"]).all(), "frame ids differ between runs"
-    xa, xb = sa["features"].astype(np.float64), sb["features"].astype(np.float64)
-    cos = (xa * xb).sum(1) / (np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1))
-    la, lb = sa["labels"], sb["labels"]
-    return {"min_cosine_vs_1gpu": float(cos.min()), "labels_identical_vs_1gpu": bool(la.shape == lb.shape and (la == lb).all()),
-            "label_agreement_vs_1gpu": float(np.mean(la == lb)) if la.shape == lb.shape else 0.0,
-            "agreement_from": f"a sample of every {AGREEMENT_STRIDE}th frame's features ({len(xa)} frames) and every label"}
+    return dict(agreement(min_row_cosine(sa["features"], sb["features"]), sa["labels"], sb["labels"]),
+                agreement_from=f"a sample of every {AGREEMENT_STRIDE}th frame's features ({len(sa['ids'])} frames) and every label")
 
 
 def compare(a: Path, b: Path, rows_per_block: int = 65536) -> dict:
@@ -296,14 +309,9 @@ def compare(a: Path, b: Path, rows_per_block: int = 65536) -> dict:
     with h5py.File(a / "embeddings.h5") as fa, h5py.File(b / "embeddings.h5") as fb:
         assert fa["ids"].shape == fb["ids"].shape and (fa["ids"][()] == fb["ids"][()]).all(), "frame ids differ between runs"
         for start in range(0, fa["ids"].shape[0], rows_per_block):
-            xa = np.concatenate([fa[k][start:start + rows_per_block] for k in ("dnabert_s", "esm2")], axis=1)
-            xb = np.concatenate([fb[k][start:start + rows_per_block] for k in ("dnabert_s", "esm2")], axis=1)
-            cos = (xa * xb).sum(1) / (np.linalg.norm(xa, axis=1) * np.linalg.norm(xb, axis=1))
-            min_cos = min(min_cos, float(cos.min()))
-    lab = lambda p: [r.split("\t")[1] for r in (p / "prediction_results.txt").read_text().splitlines()[1:]]
-    la, lb = lab(a), lab(b)
-    return {"min_cosine_vs_1gpu": min_cos, "labels_identical_vs_1gpu": la == lb,
-            "label_agreement_vs_1gpu": float(np.mean([x == y for x, y in zip(la, lb)]))}
+            xa, xb = (np.concatenate([f[k][start:start + rows_per_block] for k in ("dnabert_s", "esm2")], axis=1) for f in (fa, fb))
+            min_cos = min(min_cos, min_row_cosine(xa, xb))
+    return agreement(min_cos, run_labels(a), run_labels(b))
 
 
 def plot(records: list[dict], path: Path) -> None:

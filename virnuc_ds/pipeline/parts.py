@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..atomic import durable_rename, temporary_path
+from ..atomic import atomic_path
 from ..store.embeddings import UTF8_STRING
 
 PARTS_DIR = "parts"
@@ -46,21 +46,8 @@ def write_part(path: Path, index: int, frame_index: np.ndarray, ids: list[str], 
 
 
 def _write_and_rename(path: Path, index, frame_index, ids, dnabert_s, esm2, fingerprint) -> None:
-    tmp = temporary_path(path)
-    try:
+    with atomic_path(path) as tmp:
         _write_part_file(tmp, index, frame_index, ids, dnabert_s, esm2, fingerprint)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _rename_or_remove(tmp, path)
-
-
-def _rename_or_remove(tmp: Path, path: Path) -> None:
-    try:
-        durable_rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class PartFinisher:
@@ -86,7 +73,7 @@ class PartFinisher:
         still = []
         for future in self._pending:
             if future.done():
-                future.result()  # re-raises a failed rename
+                future.result()  # re-raises a failed write or rename
             else:
                 still.append(future)
         self._pending = still

@@ -13,6 +13,7 @@ Rerunning the same command resumes: finished parts are skipped. `--force` starts
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -190,14 +191,13 @@ def run(args) -> int:
                 embedders = load_models()
             timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
-            totals = {"dnabert_s": 0.0, "esm2": 0.0, "part_write": 0.0, "esm2_tokens": 0, "failed_frames": 0}
+            totals: collections.Counter = collections.Counter()  # embed_part's seconds and counts, summed
             finisher = PartFinisher()  # write, fsync and rename finished parts off the GPU's path
             for n_done, part in enumerate(todo, start=1):
                 stop.check(ctx.rank)
                 t_part = time.time()
                 part_times = embed_part(out, part, frames, embedders, fingerprint, fail_ids, ctx.device, finisher)
-                for key, value in part_times.items():
-                    totals[key] += value
+                totals.update(part_times)
                 progress.part_done(len(part.frames), part_times["esm2_tokens"], time.time() - t_part)
                 log.info(
                     "part %d done (%d/%d on this rank): %d frames, ESM-2 %.0f tokens/s%s",
