@@ -17,7 +17,8 @@
 # Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
 # cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
 # cores, so jobs side by side never share a core, and N=4 has the whole node. Each phase ends by
-# packing its results into $OUT/<phase>.tgz (the device tool returns only a few files).
+# packing its results into $OUT/<phase>.tgz and the agreement samples into $OUT/<phase>_agreement.tgz
+# (the device tool returns only a few files, each under a size limit).
 # Sizes: CONTIGS_S / READS_S = ESM-2 seconds on one GPU each sample is sized for (the one-GPU run
 # takes about 1.1x that plus ~20 s: the defaults make it 7.5-8 min). TINY=1 rehearses everything on a CPU with the demo models
 # (with CONTIGS_S=0.3 READS_S=0.3).
@@ -60,7 +61,10 @@ pack() {
     cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
     rm -rf "$OUT/results_$1"
     cp -r "$RESULTS" "$OUT/results_$1"
-    tar czf "$OUT/$1.tgz" -C "$OUT" "results_$1" && rm -rf "$OUT/results_$1"
+    # the agreement samples (.npz, MBs each) in a tar of their own: with them, a phase's tar was
+    # over the device tool's size limit and nothing came back
+    (cd "$OUT" && find "results_$1" -name '*.npz' -print0 | tar czf "$1_agreement.tgz" --null -T -)
+    tar czf "$OUT/$1.tgz" -C "$OUT" --exclude='*.npz' "results_$1" && rm -rf "$OUT/results_$1"
 }
 
 # a phase cut short by its caller's time limit (SIGTERM, e.g. `timeout 575 bash ...`) still packs

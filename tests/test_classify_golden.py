@@ -30,6 +30,34 @@ def test_highest_score_file_is_byte_identical(golden, classified):
     assert (classified / name).read_bytes() == (golden / "predict" / name).read_bytes()
 
 
+def _highest_score_by_dict(ids, probabilities):
+    """The original's reading of the highest-score table, spelled out: per Modified_ID the maximum
+    of each score as Python floats, keys sorted, Is_Virus = max score2 >= max score1."""
+    best = {}
+    for rid, (p0, p1) in zip(ids, probabilities):
+        cur = best.setdefault(rid[:-2], [float(p0), float(p1)])
+        cur[0], cur[1] = max(cur[0], float(p0)), max(cur[1], float(p1))
+    return [(key, best[key][1] >= best[key][0]) for key in sorted(best)]
+
+
+def test_sequence_groups_equal_the_per_frame_loop_with_and_without_dropped_frames():
+    from virnuc_ds.classify.predict import SequenceGroups
+
+    rng = np.random.default_rng(5)
+    names = ["seq_1", "Seq_10", "seq_2", "a", "ä_x", "seq_1_1", "z", "1"]
+    ids = [f"{names[k]}{tag}" for k in rng.integers(0, len(names), 400) for tag in rng.choice(["F1", "R3"], 1)]
+    probabilities = rng.random((len(ids), 2), dtype=np.float32)
+    probabilities[::7, 1] = probabilities[::7, 0]  # ties count as virus
+    groups = SequenceGroups(ids)
+    assert groups.table(probabilities) == _highest_score_by_dict(ids, probabilities)
+    keep = rng.random(len(ids)) > 0.5
+    keep[[i for i, rid in enumerate(ids) if rid.startswith("z")]] = False  # a whole sequence dropped
+    kept_ids = [rid for rid, k in zip(ids, keep) if k]
+    table = groups.table(probabilities, keep)
+    assert table == _highest_score_by_dict(kept_ids, probabilities[keep])
+    assert all(not key.startswith("z") for key, _ in table)
+
+
 def test_prediction_results_match_original(golden, classified):
     name = "prediction_results.txt"
     head, rows = parse_results(classified / name)

@@ -34,6 +34,8 @@ def test_outputs_complete_and_in_frame_order(one_rank):
     assert [r.split("\t")[0] for r in rows[1:]] == frames
     report = json.loads((one_rank / "run_report.json").read_text())
     assert report["frames"] == len(frames) and report["ranks"][0]["esm2_tokens"] > 0
+    # prepare ran niced, below the ranks' model loads (or as nice as the system allows)
+    assert report["prepare"]["niceness"] >= min(19, os.nice(0) + 10)
 
 
 def test_esm2_embeddings_equal_fair_esm_one_at_a_time(demo, one_rank):

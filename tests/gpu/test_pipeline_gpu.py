@@ -70,6 +70,7 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     cfg = yaml.safe_load(gpu_models.read_text())
     cfg["esm2"] = {"toks_per_batch": 1 << 22, "replace_with_kernel_inject": False, "dtype": "bf16"}
     cfg["dnabert_s"] = {"toks_per_batch": 1 << 22}
+    cfg["run"]["frames_per_part"] = 1 << 20  # one part: a batch never spans parts, so parts cap batches
     (tmp_path / "big_batches.yaml").write_text(yaml.safe_dump(cfg))
     cfg["esm2"]["toks_per_batch"] = cfg["dnabert_s"]["toks_per_batch"] = 4096
     (tmp_path / "small_batches.yaml").write_text(yaml.safe_dump(cfg))

@@ -68,25 +68,46 @@ def write_prediction_results(path: str | os.PathLike, ids: list[str], probabilit
     write_prediction_lines(path, [prediction_line(rid, p) for rid, p in zip(ids, probabilities)])
 
 
+class SequenceGroups:
+    """Frames grouped by sequence for the highest-score file: Modified_ID = frame id minus its last 2
+    characters, the groups numbered in sorted Modified_ID order (Python's string order, as the
+    original sorts). Built once from the ids (the background merge builds it while the GPUs work);
+    each table is then a vectorised maximum."""
+
+    def __init__(self, ids: list[str]):
+        self.keys = sorted(dict.fromkeys(rid[:-2] for rid in ids))  # the Modified_IDs, sorted
+        rank = {key: r for r, key in enumerate(self.keys)}
+        self.group = np.fromiter((rank[rid[:-2]] for rid in ids), dtype=np.int64, count=len(ids))  # [n_frames]
+
+    def table(self, probabilities: np.ndarray, keep: np.ndarray | None = None) -> list[tuple[str, bool]]:
+        """(Modified_ID, Is_Virus) sorted by Modified_ID, over the frames `keep` selects (all if None).
+        Is_Virus = max(score2) >= max(score1) over the group's frames; float32 maxima are exact, so
+        this equals the original's comparison of Python floats."""
+        group = self.group if keep is None else self.group[keep]
+        probabilities = probabilities if keep is None else probabilities[keep]  # [n, 2] float32
+        best = np.full((2, len(self.keys)), -np.inf, dtype=np.float32)  # [2, n_groups]
+        np.maximum.at(best[0], group, probabilities[:, 0])
+        np.maximum.at(best[1], group, probabilities[:, 1])
+        present = np.zeros(len(self.keys), dtype=bool)
+        present[group] = True
+        rows = np.flatnonzero(present)
+        is_virus = (best[1] >= best[0])[rows]
+        return [(self.keys[r], v) for r, v in zip(rows.tolist(), is_virus.tolist())]
+
+
 def highest_score_table(ids: list[str], probabilities: np.ndarray) -> list[tuple[str, bool]]:
     """(Modified_ID, Is_Virus) sorted by Modified_ID."""
-    best: dict[str, list[float]] = {}
-    for rid, (p0, p1) in zip(ids, probabilities):
-        key = rid[:-2]
-        cur = best.get(key)
-        if cur is None:
-            best[key] = [float(p0), float(p1)]
-        else:
-            cur[0] = max(cur[0], float(p0))
-            cur[1] = max(cur[1], float(p1))
-    return [(key, best[key][1] >= best[key][0]) for key in sorted(best)]
+    return SequenceGroups(ids).table(probabilities)
+
+
+def write_highest_score_table(path: str | os.PathLike, table: list[tuple[str, bool]]) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write("Modified_ID\tIs_Virus\n")
+        fh.write("".join(f"{key}\t{is_virus}\n" for key, is_virus in table))
 
 
 def write_highest_score(path: str | os.PathLike, ids: list[str], probabilities: np.ndarray) -> None:
-    with atomic_open(path, "w") as fh:
-        fh.write("Modified_ID\tIs_Virus\n")
-        for key, is_virus in highest_score_table(ids, probabilities):
-            fh.write(f"{key}\t{is_virus}\n")
+    write_highest_score_table(path, highest_score_table(ids, probabilities))
 
 
 def write_results(output_dir: str | os.PathLike, ids: list[str], probabilities: np.ndarray) -> tuple[Path, Path]:

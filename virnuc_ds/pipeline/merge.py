@@ -63,6 +63,7 @@ class MergeWriter:
         self.classify_device = classify_device
         self.probabilities = np.full((n, 2), np.nan, dtype=np.float32) if classifier_path else None
         self.lines: list[str | None] = [None] * n if classifier_path else []
+        self.groups = None  # SequenceGroups, built with the first classified part
         self.busy = {"merge": 0.0, "classify": 0.0}
 
     # -- the embeddings file ---------------------------------------------------------------
@@ -149,8 +150,11 @@ class MergeWriter:
 
         features = np.concatenate([part["dnabert_s"], part["esm2"]], axis=1)  # [n, H_dna + H_esm]
         if self.classifier is None:
+            from ..classify.predict import SequenceGroups
+
             self.classify_device = pick_device(self.classify_device)
             self.classifier = load_classifier(self.classifier_path, expected_input_dim=features.shape[1])
+            self.groups = SequenceGroups(self.frame_ids)  # ~0.5 s for a million frames: off the run's end
         probs = predict_probabilities(self.classifier, features, device=self.classify_device)  # [n, 2]
         self.probabilities[idx] = probs
         for k, i in enumerate(idx):
@@ -192,11 +196,11 @@ class MergeWriter:
         result = {"frames": int(keep.sum()), "parts": len(self.added), "merge_busy_seconds": self.busy["merge"],
                   "classify_busy_seconds": self.busy["classify"]}
         if self.classifier_path:
-            from ..classify.predict import write_highest_score, write_prediction_lines, RESULTS_TXT, HIGHEST_CSV
+            from ..classify.predict import HIGHEST_CSV, RESULTS_TXT, SequenceGroups, write_highest_score_table, write_prediction_lines
 
-            ids = [i for i, k in zip(self.frame_ids, keep) if k]
             write_prediction_lines(self.out / RESULTS_TXT, [line for line, k in zip(self.lines, keep) if k])
-            write_highest_score(self.out / HIGHEST_CSV, ids, self.probabilities[keep])
+            groups = self.groups if self.groups is not None else SequenceGroups(self.frame_ids)
+            write_highest_score_table(self.out / HIGHEST_CSV, groups.table(self.probabilities, keep))
         result["finish_seconds"] = time.time() - t0
         return result
 
