@@ -12,7 +12,8 @@
 #   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
 #                                                    # of every run so far
 #   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
-#                                                    # import times, N=1 and N=4 start-up/load steps
+#                                                    # import times; N=4 x4 with VIRNUC_DS_PRELOAD_KERNELS
+#                                                    # off/on/off/on, every rank's start-up and load steps
 #
 # Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
 # cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
@@ -92,38 +93,44 @@ setup)
     ;;
 probe)
     pack_on_term probe
-    # where the fixed costs go, on a small sample: import times of the launch chain, N=1 and N=4
-    # with every rank's start-up and load steps; tests/gpu beside the setup
+    # fixed costs on a small sample: import times of the launch chain, then N=4 four times,
+    # alternating VIRNUC_DS_PRELOAD_KERNELS=0/1 (DeepSpeed imported beside the weight load or
+    # after it), with every rank's start-up and load steps; tests/gpu beside the setup
     gpu_tests 3 &
     for mod in torch deepspeed deepspeed.launcher.runner; do
         python3 -c "import $mod" 2> /dev/null   # warm the page cache
         /usr/bin/time -f "import $mod: %e s" python3 -c "import $mod" 2>> "$RESULTS/import_seconds.txt"
     done
-    python3 -X importtime -c "import deepspeed.launcher.runner" 2> "$RESULTS/importtime_runner.txt" || true
+    python3 -X importtime -c "import deepspeed" 2> "$RESULTS/importtime_deepspeed.txt" || true
     python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 || true
     scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
     wait
-    # shellcheck disable=SC2046
-    $(pin 0 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
-        --port 29500 --out "$RESULTS/p1" > "$RESULTS/p1.log" 2>&1 || tail -n 20 "$RESULTS/p1.log"
-    # shellcheck disable=SC2046
-    $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload contigs500 \
-        --port 29520 --out "$RESULTS/p4" > "$RESULTS/p4.log" 2>&1 || tail -n 20 "$RESULTS/p4.log"
-    for d in "$WORK"/out_*; do cp "$d/run_report.json" "$RESULTS/$(basename "$d")_report.json" 2>/dev/null || true; done
-    cp "$WORK"/run_out_*.log "$RESULTS/" 2>/dev/null || true
+    port=29600
+    for name in p4_off_a p4_on_a p4_off_b p4_on_b; do
+        preload=0
+        [ "${name:3:2}" = "on" ] && preload=1
+        # shellcheck disable=SC2046
+        VIRNUC_DS_PRELOAD_KERNELS=$preload $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
+            --gpus 4 --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
+            || tail -n 20 "$RESULTS/$name.log"
+        port=$((port + 20))
+    done
     cat "$RESULTS/import_seconds.txt"
     tail -n 3 "$RESULTS/gpu_pytest.txt"
-    python3 - "$RESULTS" <<'PY'
+    python3 - "$RESULTS" <<'PY' || true
 import json, sys
 from pathlib import Path
-for name in ("p1", "p4"):
-    f = Path(sys.argv[1]) / name / "scaling_summary.json"
+print("run        e2e    ready  per rank: model_load weights embedder kernels_wait")
+for name in ("p4_off_a", "p4_on_a", "p4_off_b", "p4_on_b"):
+    f = Path(sys.argv[1]) / name / "scaling_raw.json"
     if not f.exists():
         print(name, "missing"); continue
-    for r in json.loads(f.read_text()):
-        print(name, "e2e %.1f gpu %.1f setup %.1f finish %.1f" % (r["e2e_seconds"], r["gpu_stage_wall_seconds"], r["setup_seconds"], r["finish_seconds"]))
-        print("  launcher", {k: round(v, 2) for k, v in r.get("launcher_events", {}).items()})
-        print("  steps", {k: round(v, 2) for k, v in r.get("rank_steps_seconds", {}).items()})
+    res = next(iter(json.loads(f.read_text()).values()))
+    ranks = res["report"]["ranks"]
+    steps = lambda k: " ".join("%.2f" % r.get(k, 0.0) for r in ranks)
+    print("%-9s %6.1f %6.2f  load [%s] weights [%s] embedder [%s] wait [%s]" % (
+        name, res["wall"], max(r.get("ready", 0.0) for r in ranks), steps("model_load"), steps("load_esm2_weights"),
+        steps("load_esm2_embedder"), steps("load_kernels_wait")))
 PY
     pack probe
     ;;

@@ -231,3 +231,45 @@ def test_prepare_reports_how_far_it_got(tmp_path, monkeypatch, caplog):
     info = prepare_stage.prepare_inputs(cfg, ROOT / "examples" / "sample.fa", out, {"fingerprint": "f", "new_manifest": False})
     assert info["stats"]["frames"] > 0
     assert "prepare: " in caplog.text and " frames so far" in caplog.text
+
+
+def test_model_load_shortens_the_gil_switch_interval_and_restores_it():
+    from virnuc_ds.pipeline.embed_part import LOAD_SWITCH_INTERVAL_S, gil_switch_interval
+
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError):
+        with gil_switch_interval(LOAD_SWITCH_INTERVAL_S):
+            assert abs(sys.getswitchinterval() - LOAD_SWITCH_INTERVAL_S) < 1e-9
+            raise RuntimeError("a load that fails")
+    assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("value, enabled", [(None, False), ("0", False), ("1", True), (" yes ", True), ("off", False)])
+def test_kernel_preload_is_opt_in(value, enabled):
+    from virnuc_ds.pipeline.embed_part import preload_kernels_enabled
+
+    assert preload_kernels_enabled({} if value is None else {"VIRNUC_DS_PRELOAD_KERNELS": value}) is enabled
+
+
+def test_esm2_load_waits_for_the_kernel_preload_before_building(demo, monkeypatch):
+    """The embedder is built only after the preload thread's job is done, and the wait is reported."""
+    import virnuc_ds.embed.esm2 as esm2_module
+    from virnuc_ds.config import Config
+    from virnuc_ds.pipeline.embed_part import _load_esm2_embedder
+
+    order = []
+    real = esm2_module.Esm2Embedder
+
+    def built(*args, **kwargs):
+        order.append("build")
+        return real(*args, **kwargs)
+
+    class PreloadJob:
+        def result(self):
+            order.append("preload done")
+
+    monkeypatch.setattr(esm2_module, "Esm2Embedder", built)
+    steps = {}
+    _, width = _load_esm2_embedder(Config(), demo["esm2"], torch.device("cpu"), torch.float32, False, steps, PreloadJob())
+    assert order == ["preload done", "build"]
+    assert "load_kernels_wait" in steps and width > 0

@@ -9,13 +9,18 @@ out-of-memory recovery, write the part.
 - Fault injection (tests, and users checking their setup): frame ids named in the config key
   `run.fail_frames` or the environment variable VIRNUC_DS_FAIL_FRAMES (comma-separated) raise
   inside the ESM-2 stage.
+- Loading overlaps CPU work with the ESM-2 weight copies: DNABERT-S is built in a thread, and with
+  VIRNUC_DS_PRELOAD_KERNELS=1 DeepSpeed is imported and its op loaded in another (off by default:
+  a benchmark decides).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +118,41 @@ def _esm2_staging_device(esm2_path, device: torch.device) -> torch.device:
     return device if 5 * Path(esm2_path).stat().st_size < free else torch.device("cpu")
 
 
+# While ESM-2's weights stream onto the GPU the main thread waits in copies with the GIL released,
+# and the loader threads' CPU work fills those waits. After each copy the main thread needs the GIL
+# back, and a busy thread yields it only when the interpreter's switch interval (5 ms by default)
+# runs out: over ~500 weight tensors that cost seconds (scaling run 3: weights 1.5 -> 3.7 s beside
+# a DeepSpeed import thread). During the load the interval is 0.5 ms.
+LOAD_SWITCH_INTERVAL_S = 0.0005
+
+
+@contextlib.contextmanager
+def gil_switch_interval(seconds: float):
+    """sys.setswitchinterval for the block, restored after it."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def preload_kernels_enabled(environ=os.environ) -> bool:
+    """VIRNUC_DS_PRELOAD_KERNELS=1: import DeepSpeed and load its op in a thread during the weight load."""
+    return environ.get("VIRNUC_DS_PRELOAD_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _preload_kernels() -> None:
+    """Import DeepSpeed and load its transformer_inference op (~3 s a rank on an H200 node). A
+    failure is left for the main thread, which repeats the load and reports it."""
+    try:
+        from ..embed.esm2_kernels import prebuild_inference_op
+
+        prebuild_inference_op()
+    except Exception:  # noqa: BLE001 - reported by the main thread's own attempt
+        pass
+
+
 def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, steps=None):
     """(ESM-2 embedder, DNABERT-S embedder, ESM-2 width, DNABERT-S width) on this rank's device.
     steps, a dict, receives the seconds of each step (for the run report)."""
@@ -120,10 +160,13 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     from ..models.dnabert_s import load_dnabert_s
 
     steps = {} if steps is None else steps
+    preload = kernel_inject and preload_kernels_enabled()
     # DNABERT-S is read and built on the CPU in a thread while ESM-2 loads onto the GPU
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dnabert-s-load") as pool:
+    with gil_switch_interval(LOAD_SWITCH_INTERVAL_S), \
+            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="model-load") as pool:
         dnabert_job = pool.submit(load_dnabert_s, dnabert_path)
-        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps)
+        kernels_job = pool.submit(_preload_kernels) if preload else None
+        esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps, kernels_job)
         t0 = time.time()
         dmodel, tokenizer = dnabert_job.result()
         steps["load_dnabert_s_wait"] = time.time() - t0
@@ -133,7 +176,7 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     return esm, dna, esm_width, dmodel.config.hidden_size
 
 
-def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps):
+def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps, kernels_job=None):
     from ..embed.esm2 import Esm2Embedder
     from ..models.esm2 import load_esm2
 
@@ -144,6 +187,10 @@ def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps)
     t2 = time.time()
     steps.update(load_esm2_staging=t1 - t0, load_esm2_weights=t2 - t1)
     log.info("ESM-2 weights loaded onto %s in %.1f s", staging, t2 - t1)
+    if kernels_job is not None:
+        kernels_job.result()
+        steps["load_kernels_wait"] = time.time() - t2
+        t2 = time.time()
     settings = dict(device=device, dtype=esm_dtype, toks_per_batch=cfg.esm2.toks_per_batch, max_residues=cfg.esm2.max_residues)
     try:
         esm = Esm2Embedder(model, alphabet, kernel_inject=kernel_inject, attention=cfg.esm2.attention, **settings)
