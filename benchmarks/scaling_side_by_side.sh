@@ -101,6 +101,12 @@ probe)
         python3 -c "import $mod" 2> /dev/null   # warm the page cache
         /usr/bin/time -f "import $mod: %e s" python3 -c "import $mod" 2>> "$RESULTS/import_seconds.txt"
     done
+    # the launcher processes only ask whether CUDA is there: does torch's NVML-based check (no CUDA
+    # context) shorten their start-up?
+    PYTORCH_NVML_BASED_CUDA_CHECK=1 /usr/bin/time -f "import deepspeed.launcher.runner, NVML check: %e s" \
+        python3 -c "import deepspeed.launcher.runner" 2>> "$RESULTS/import_seconds.txt"
+    python3 -c "import time, torch; t = time.time(); torch.cuda.init(); print('torch.cuda.init: %.2f s' % (time.time() - t))" \
+        >> "$RESULTS/import_seconds.txt" 2>&1 || true
     python3 -X importtime -c "import deepspeed" 2> "$RESULTS/importtime_deepspeed.txt" || true
     python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 || true
     scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
