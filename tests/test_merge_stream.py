@@ -4,6 +4,7 @@ with the same bytes either way; rewritten parts, failed frames and bad parts; th
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -132,6 +133,59 @@ def test_prepared_fasta_fast_reader_equals_the_general_reader(one_rank, tmp_path
     wrapped = tmp_path / "wrapped.faa"
     wrapped.write_text(">a desc\nMK\nLV\n>b\nQQ\n")  # not prepare's layout: the general reader
     assert read_prepared_fasta(wrapped) == (["a", "b"], ["MKLV", "QQ"])
+
+
+def test_frames_table_is_memory_mapped_and_equals_the_general_reader(one_rank):
+    from virnuc_ds.fasta import read_fasta
+    from virnuc_ds.pipeline.frames_table import TwoLineFasta, read_frames_table
+
+    prep = one_rank / "prep"
+    table = read_frames_table(prep)
+    assert isinstance(table.ids, Sequence) and not isinstance(table.ids, list)  # cut out on access
+    prot = [(r.id, r.sequence) for r in read_fasta(prep / "identified_protein.faa")]
+    nuc = [(r.id, r.sequence) for r in read_fasta(prep / "identified_nucleotide.fa")]
+    assert list(table.ids) == [i for i, _ in prot] == [i for i, _ in nuc]
+    assert list(table.proteins) == [s for _, s in prot] and list(table.nucleotides) == [s for _, s in nuc]
+    assert table.protein_lengths().tolist() == [len(s) for _, s in prot]
+    assert table.ids[-1] == prot[-1][0] and table.proteins[1:3] == [prot[1][1], prot[2][1]]
+    with pytest.raises(IndexError):
+        table.ids[len(prot)]
+    assert TwoLineFasta.index(prep / "identified_protein.faa") is not None
+
+
+@pytest.mark.parametrize("text", [
+    ">a\nMK\n>b\nQQ\n",          # prepare's layout
+    ">a\nMK\n>b\nQQ",            # no newline at the end
+    ">a\r\nMK\r\n>b\r\nQQ\r\n",  # Windows line ends
+    ">a desc\nMK\n>b\nQQ\n",     # a description
+    ">a\nMK\nLV\n>b\nQQ\n",      # wrapped sequence lines
+    ">a\n\n>b\nQQ\n",            # an empty sequence
+    "",                          # no records
+])
+def test_prepared_fasta_reader_equals_the_general_reader_on_any_layout(tmp_path, text):
+    from virnuc_ds.fasta import read_fasta
+
+    path = tmp_path / "x.faa"
+    path.write_bytes(text.encode())
+    general = [(r.id, r.sequence) for r in read_fasta(path, allow_empty_file=True, allow_empty_sequence=True)]
+    assert read_prepared_fasta(path) == ([i for i, _ in general], [s for _, s in general])
+
+
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_frames_table_refuses_files_that_list_different_frames(tmp_path, check_ids):
+    from virnuc_ds.errors import IncompleteError
+    from virnuc_ds.pipeline.frames_table import read_frames_table
+
+    (tmp_path / "identified_nucleotide.fa").write_text(">s_1F1\nATGAAA\n>s_1R1\nTTTCAT\n")
+    (tmp_path / "identified_protein.faa").write_text(">s_1F1\nMK\n>s_1R2\nFH\n")  # same lengths, one id differs
+    if check_ids:
+        with pytest.raises(IncompleteError, match="list different frames"):
+            read_frames_table(tmp_path)
+    else:  # this run's own prepare wrote them: only the counts are compared
+        assert len(read_frames_table(tmp_path, check_ids=False)) == 2
+    (tmp_path / "identified_protein.faa").write_text(">s_1F1\nMK\n")
+    with pytest.raises(IncompleteError, match="list different frames"):
+        read_frames_table(tmp_path, check_ids=check_ids)
 
 
 def test_the_entry_module_imports_no_torch():

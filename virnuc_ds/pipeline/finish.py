@@ -54,7 +54,7 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
     merged = background_merge.finish(failed_ids) if background_merge is not None else None
     if merged is None:
-        merged = merge_parts(out, frame_ids, merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint), fingerprint,
+        merged = merge_parts(out, list(frame_ids), merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint), fingerprint,
                              failed_ids, cfg.models.classifier, cfg.classify.device)
     merge_s = time.time() - t0  # the wait for the merge after the last part (the whole merge without a background one)
     if cfg.models.classifier:

@@ -173,7 +173,7 @@ def run(args) -> int:
 
         # 3. plan: length-sorted parts, dealt to ranks by tokens
         t0 = time.time()
-        frames = read_frames_table(out / PREP_DIR)
+        frames = read_frames_table(out / PREP_DIR, check_ids=check["prepared"])  # a fresh prep is consistent
         parts = plan_parts(frames.protein_lengths(), cfg.run.frames_per_part)
         mine = assign_parts(parts, ctx.world_size)[ctx.rank]
         todo = [p for p in mine if not part_is_complete(out, p.index, p.frames, fingerprint)]
