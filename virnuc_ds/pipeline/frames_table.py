@@ -56,7 +56,8 @@ class TwoLineFasta:
         if len(ends) % 2:
             return None
         starts = np.concatenate(([0], ends[:-1] + 1))  # [n_lines]
-        header_start, seq_start, seq_end = starts[0::2], starts[1::2], ends[1::2]  # every start < len(data)
+        # copies, not views: the full line arrays are then freed (every start is < len(data))
+        header_start, seq_start, seq_end = (np.ascontiguousarray(a) for a in (starts[0::2], starts[1::2], ends[1::2]))
         if not (data[header_start] == GREATER).all() or (data[seq_start] == GREATER).any() \
                 or (seq_start - header_start < 3).any():  # a header line holds '>', an id, a newline
             return None
