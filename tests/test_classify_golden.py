@@ -56,6 +56,8 @@ def test_sequence_groups_equal_the_per_frame_loop_with_and_without_dropped_frame
     table = groups.table(probabilities, keep)
     assert table == _highest_score_by_dict(kept_ids, probabilities[keep])
     assert all(not key.startswith("z") for key, _ in table)
+    near_tie = np.array([[0.5 + 1e-12, 0.5]], dtype=np.float64)  # no float32 rounding of float64 scores
+    assert SequenceGroups(["aF1"]).table(near_tie) == _highest_score_by_dict(["aF1"], near_tie) == [("a", False)]
 
 
 def test_prediction_results_match_original(golden, classified):

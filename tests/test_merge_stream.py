@@ -158,16 +158,27 @@ def test_frames_table_is_memory_mapped_and_equals_the_general_reader(one_rank):
     ">a\nMK\n>b\nQQ",            # no newline at the end
     ">a\r\nMK\r\n>b\r\nQQ\r\n",  # Windows line ends
     ">a desc\nMK\n>b\nQQ\n",     # a description
+    ">a\x0bb\nMK\n",              # other whitespace in an id
+    ">a\nM\x0cK\n",              # ... or in a sequence
+    ">\u00e9t\u00e9\nMK\n",      # a non-ASCII id
     ">a\nMK\nLV\n>b\nQQ\n",      # wrapped sequence lines
-    ">a\n\n>b\nQQ\n",            # an empty sequence
+    ">a\n\n>b\nQQ\n",            # an empty sequence (an error)
+    ">\nMK\n",                   # a header without an id (an error)
     "",                          # no records
 ])
 def test_prepared_fasta_reader_equals_the_general_reader_on_any_layout(tmp_path, text):
+    """What the general reader returns, or the same kind of error."""
+    from virnuc_ds.errors import InputError
     from virnuc_ds.fasta import read_fasta
 
     path = tmp_path / "x.faa"
     path.write_bytes(text.encode())
-    general = [(r.id, r.sequence) for r in read_fasta(path, allow_empty_file=True, allow_empty_sequence=True)]
+    try:
+        general = [(r.id, r.sequence) for r in read_fasta(path, allow_empty_file=True)]
+    except InputError:
+        with pytest.raises(InputError):
+            read_prepared_fasta(path)
+        return
     assert read_prepared_fasta(path) == ([i for i, _ in general], [s for _, s in general])
 
 

@@ -273,3 +273,18 @@ def test_esm2_load_waits_for_the_kernel_preload_before_building(demo, monkeypatc
     _, width = _load_esm2_embedder(Config(), demo["esm2"], torch.device("cpu"), torch.float32, False, steps, PreloadJob())
     assert order == ["preload done", "build"]
     assert "load_kernels_wait" in steps and width > 0
+
+
+def test_a_failing_kernel_preload_is_left_for_the_main_thread(monkeypatch):
+    """The preload thread swallows its error: the main thread's own attempt raises and reports it."""
+    import virnuc_ds.embed.esm2_kernels as kernels
+    from virnuc_ds.pipeline.embed_part import _preload_kernels
+
+    calls = []
+
+    def broken():
+        calls.append("build")
+        raise kernels.KernelUnavailableError("no nvcc")
+
+    monkeypatch.setattr(kernels, "prebuild_inference_op", broken)
+    assert _preload_kernels(torch.device("cpu")) is None and calls == ["build"]

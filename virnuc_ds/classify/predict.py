@@ -85,7 +85,7 @@ class SequenceGroups:
         this equals the original's comparison of Python floats."""
         group = self.group if keep is None else self.group[keep]
         probabilities = probabilities if keep is None else probabilities[keep]  # [n, 2] float32
-        best = np.full((2, len(self.keys)), -np.inf, dtype=np.float32)  # [2, n_groups]
+        best = np.full((2, len(self.keys)), -np.inf, dtype=probabilities.dtype)  # [2, n_groups], no rounding
         np.maximum.at(best[0], group, probabilities[:, 0])
         np.maximum.at(best[1], group, probabilities[:, 1])
         present = np.zeros(len(self.keys), dtype=bool)

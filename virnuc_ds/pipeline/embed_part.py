@@ -142,10 +142,12 @@ def preload_kernels_enabled(environ=os.environ) -> bool:
     return environ.get("VIRNUC_DS_PRELOAD_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _preload_kernels() -> None:
+def _preload_kernels(device: torch.device) -> None:
     """Import DeepSpeed and load its transformer_inference op (~3 s a rank on an H200 node). A
     failure is left for the main thread, which repeats the load and reports it."""
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread: never GPU 0 by default
         from ..embed.esm2_kernels import prebuild_inference_op
 
         prebuild_inference_op()
@@ -165,7 +167,7 @@ def load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, k
     with gil_switch_interval(LOAD_SWITCH_INTERVAL_S), \
             concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="model-load") as pool:
         dnabert_job = pool.submit(load_dnabert_s, dnabert_path)
-        kernels_job = pool.submit(_preload_kernels) if preload else None
+        kernels_job = pool.submit(_preload_kernels, device) if preload else None
         esm, esm_width = _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps, kernels_job)
         t0 = time.time()
         dmodel, tokenizer = dnabert_job.result()

@@ -23,6 +23,7 @@ from ..prep.prepare import NUCLEOTIDE_FASTA, PROTEIN_FASTA
 
 SCAN_BYTES = 1 << 26  # the newline scan works through the file 64 MiB at a time
 NEWLINE, GREATER = ord("\n"), ord(">")
+ODD_BYTES = [bytes([b]) for b in (0x09, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20)]  # str.split()'s ASCII whitespace
 
 
 class TwoLineFasta:
@@ -43,14 +44,23 @@ class TwoLineFasta:
         if path.stat().st_size == 0:
             empty = np.zeros(0, dtype=np.int64)
             return cls(path, np.zeros(0, dtype=np.uint8), empty, empty, empty)
+        # The map lives as long as the table. prepare replaces its files by rename, which leaves a
+        # mapped file intact; a prep file truncated in place under a running rank would end it (SIGBUS).
         with open(path, "rb") as fh:
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        # ids with spaces or tabs, and Windows line ends, are not prepare's: the general reader decides
-        if any(mapped.find(odd) != -1 for odd in (b" ", b"\t", b"\r")):
+        # whitespace other than the newlines (which the general reader would cut ids at, or drop from
+        # sequences) and non-ASCII bytes are not prepare's: the general reader decides
+        if any(mapped.find(odd) != -1 for odd in ODD_BYTES):
             return None
         data = np.frombuffer(mapped, dtype=np.uint8)  # [file bytes], a view of the map
-        ends = np.concatenate([np.flatnonzero(data[start:start + SCAN_BYTES] == NEWLINE) + start
-                               for start in range(0, len(data), SCAN_BYTES)])  # [n_lines] each line's newline
+        ends, non_ascii = [], 0
+        for start in range(0, len(data), SCAN_BYTES):
+            block = data[start:start + SCAN_BYTES]
+            ends.append(np.flatnonzero(block == NEWLINE) + start)  # each line's newline
+            non_ascii += int(np.count_nonzero(block > 0x7E))
+        if non_ascii:
+            return None
+        ends = np.concatenate(ends)  # [n_lines]
         if len(ends) == 0 or ends[-1] != len(data) - 1:  # no newline after the last line
             ends = np.append(ends, len(data))
         if len(ends) % 2:
@@ -59,8 +69,8 @@ class TwoLineFasta:
         # copies, not views: the full line arrays are then freed (every start is < len(data))
         header_start, seq_start, seq_end = (np.ascontiguousarray(a) for a in (starts[0::2], starts[1::2], ends[1::2]))
         if not (data[header_start] == GREATER).all() or (data[seq_start] == GREATER).any() \
-                or (seq_start - header_start < 3).any():  # a header line holds '>', an id, a newline
-            return None
+                or (seq_start - header_start < 3).any() or (seq_end == seq_start).any():
+            return None  # a header line holds '>', an id and a newline; a sequence line is not empty
         return cls(path, data, header_start, seq_start, seq_end)
 
     def __len__(self) -> int:

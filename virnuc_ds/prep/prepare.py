@@ -99,7 +99,7 @@ def prepare(
     blocks = _blocks(input_fasta, block_bases, expected_length)
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(atomic_path(out / name)) for name in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)]
-        handles = [stack.enter_context(open(p, "w")) for p in paths]
+        handles = [stack.enter_context(open(p, "w", encoding="utf-8")) for p in paths]  # whatever the locale
         # spawn, not fork: the caller may hold torch/OpenMP threads, and a forked child can deadlock on them
         pool = stack.enter_context(mp.get_context("spawn").Pool(workers)) if workers > 1 else None
 
