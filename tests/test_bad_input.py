@@ -56,6 +56,26 @@ def test_classify_missing_inputs(tmp_path, capsys):
     assert not (tmp_path / "o" / "prediction_results.txt").exists()
 
 
+def test_classify_refuses_non_finite_embeddings(tmp_path, capsys):
+    import numpy as np
+
+    from conftest import GOLDEN
+    from virnuc_ds.store.embeddings import read_embeddings, write_embeddings
+
+    p = GOLDEN / "predict"
+    good = tmp_path / "good.h5"
+    assert main(["import-legacy", "--dnabert", str(p / "output_1_DNABERT_S.pt"), "--esm", str(p / "output_1_ESM.pt"), "-o", str(good)]) == 0
+    emb = read_embeddings(good)
+    emb.esm2[3, 7] = np.nan
+    write_embeddings(tmp_path / "bad.h5", emb)
+    capsys.readouterr()
+    code = main(["classify", "-e", str(tmp_path / "bad.h5"), "-p", str(p / "model.pth"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"bad.h5: record {emb.ids[3]!r}: 1 of {len(emb)} frames have NaN or Inf embeddings" in err
+    assert not (tmp_path / "o" / "prediction_results.txt").exists()
+
+
 def test_import_legacy_of_a_non_torch_file(tmp_path, capsys):
     bad = tmp_path / "x_DNABERT_S.pt"
     bad.write_text("hello")

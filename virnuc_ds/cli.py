@@ -47,10 +47,18 @@ def cmd_import_legacy(args) -> int:
 
 
 def cmd_classify(args) -> int:
+    import numpy as np
+
     from .classify import classify_embeddings
+    from .errors import InputError
     from .store.embeddings import read_embeddings
 
     emb = read_embeddings(args.embeddings)
+    finite = np.isfinite(emb.dnabert_s).all(1) & np.isfinite(emb.esm2).all(1)  # [N]
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise InputError(args.embeddings, f"{len(bad)} of {len(emb)} frames have NaN or Inf embeddings; "
+                         "the classifier cannot score them", record=emb.ids[int(bad[0])])
     out = ensure_writable_dir(args.output_dir)
     paths = classify_embeddings(emb, args.classifier, out, device=args.device)
     print(f"classified {len(emb)} frames: {paths[0]} and {paths[1]}")
