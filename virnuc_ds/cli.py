@@ -51,10 +51,10 @@ def cmd_classify(args) -> int:
 
     from .classify import classify_embeddings
     from .errors import InputError
-    from .store.embeddings import read_embeddings
+    from .store.embeddings import finite_rows, read_embeddings
 
     emb = read_embeddings(args.embeddings)
-    finite = np.isfinite(emb.dnabert_s).all(1) & np.isfinite(emb.esm2).all(1)  # [N]
+    finite = finite_rows(emb.dnabert_s, emb.esm2)  # [N]
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise InputError(args.embeddings, f"{len(bad)} of {len(emb)} frames have NaN or Inf embeddings; "

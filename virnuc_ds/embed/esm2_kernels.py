@@ -496,7 +496,6 @@ class ESM2KernelEncoder:
         stats = torch.cuda.memory_stats(self.device)
         allocated_before = stats.get("allocated_bytes.all.current", 0)
         torch.cuda.reset_peak_memory_stats(self.device)
-        rows = min(rows, max_rows_per_call(self.max_tokens, self.heads, length))  # one call's rows, as __call__ cuts
         tokens = torch.randint(4, 24, (rows, length), device=self.device)  # residues, no padding
         started = time.perf_counter()
         with torch.inference_mode(), torch.cuda.device(self.device):

@@ -31,6 +31,7 @@ import torch
 
 from ..atomic import atomic_open
 from ..errors import VirnucError
+from ..store.embeddings import finite_rows
 from .parts import failures_path, finished_frames, part_path, read_part, write_part
 
 log = logging.getLogger("virnuc_ds.run")
@@ -229,7 +230,7 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
     sync(device)
     t2 = time.time()
     failures = dna_failed + esm_failed
-    ok = np.isfinite(dna).all(1) & np.isfinite(esm).all(1)
+    ok = finite_rows(dna, esm)
     if kept is None and ok.all():  # the usual case: every frame of the part, already in its order
         write_part(path, part.index, need, ids, dna, esm, fingerprint, finisher)
     else:

@@ -30,9 +30,8 @@ class TwoLineFasta:
     """A FASTA file laid out as prepare writes it, memory-mapped. `index()` returns None if the
     file has another layout (then the caller reads it with the general reader)."""
 
-    def __init__(self, path: Path, data: np.ndarray, header_start: np.ndarray, seq_start: np.ndarray,
+    def __init__(self, data: np.ndarray, header_start: np.ndarray, seq_start: np.ndarray,
                  seq_end: np.ndarray):
-        self.path = path
         self._data = data  # [file bytes] uint8, memory-mapped
         self.header_start = header_start  # [n] offset of each '>'
         self.seq_start = seq_start  # [n] offset of each sequence line
@@ -43,7 +42,7 @@ class TwoLineFasta:
         path = Path(path)
         if path.stat().st_size == 0:
             empty = np.zeros(0, dtype=np.int64)
-            return cls(path, np.zeros(0, dtype=np.uint8), empty, empty, empty)
+            return cls(np.zeros(0, dtype=np.uint8), empty, empty, empty)
         # The map lives as long as the table. prepare replaces its files by rename, which leaves a
         # mapped file intact; a prep file truncated in place under a running rank would end it (SIGBUS).
         with open(path, "rb") as fh:
@@ -71,7 +70,7 @@ class TwoLineFasta:
         if not (data[header_start] == GREATER).all() or (data[seq_start] == GREATER).any() \
                 or (seq_start - header_start < 3).any() or (seq_end == seq_start).any():
             return None  # a header line holds '>', an id and a newline; a sequence line is not empty
-        return cls(path, data, header_start, seq_start, seq_end)
+        return cls(data, header_start, seq_start, seq_end)
 
     def __len__(self) -> int:
         return len(self.header_start)
@@ -117,9 +116,7 @@ class _Field(Sequence):
     def __len__(self) -> int:
         return len(self._fasta)
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self._get(i) for i in range(*k.indices(len(self)))]
+    def __getitem__(self, k: int) -> str:
         if k < 0:
             k += len(self)
         if not 0 <= k < len(self):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..atomic import durable_rename, temporary_path
 from ..errors import EXIT_FAILURE, IncompleteError, VirnucError
-from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING
+from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING, finite_rows
 from ..version import __version__
 from .parts import PARTS_DIR, read_part
 
@@ -122,7 +122,7 @@ class MergeWriter:
         wrong = [(i, a) for i, a in zip(idx, part["ids"]) if self.frame_ids[i] != a]
         if wrong:
             raise IncompleteError(f"{path}: ids do not match the prepared frames, e.g. {wrong[0][1]!r}")
-        finite = np.isfinite(part["dnabert_s"]).all(1) & np.isfinite(part["esm2"]).all(1)
+        finite = finite_rows(part["dnabert_s"], part["esm2"])
         if not finite.all():
             bad = [part["ids"][k] for k in np.flatnonzero(~finite)]
             raise IncompleteError(f"{len(bad)} frames have NaN or Inf embeddings ({_examples(bad)}) in {path}")

@@ -57,6 +57,11 @@ class Embeddings:
         return np.concatenate([self.dnabert_s, self.esm2], axis=1)
 
 
+def finite_rows(dnabert_s: np.ndarray, esm2: np.ndarray) -> np.ndarray:
+    """[N] bool: the frames whose DNABERT-S and ESM-2 embeddings are all finite."""
+    return np.isfinite(dnabert_s).all(1) & np.isfinite(esm2).all(1)
+
+
 def write_embeddings(path: str | os.PathLike, emb: Embeddings, **attrs) -> None:
     """Write atomically: the file appears complete under its name, or not at all."""
     merged = {"format": FORMAT, "format_version": FORMAT_VERSION, "virnuc_ds_version": __version__}
