@@ -3,8 +3,9 @@
 1. The highest-score table (prediction_results_highestscore.csv) for the sample's frames: the
    per-frame Python loop the merge used to run at the run's end, against SequenceGroups (built
    while the GPUs work, so only `table()` is left for the end).
-2. Each rank's frames table after prepare: both prepared FASTA files read into lists by the general
-   reader, against the memory-mapped table (fresh prep, and a resumed run's with the id check).
+2. Each rank's frames table after prepare: both prepared FASTA files read into lists (by the
+   general reader, and by reading and splitting them as ranks did before), against the
+   memory-mapped table (a fresh prep, and a resumed run's with the ids compared).
 
     python benchmarks/run_end_cpu.py [--reads 420934] [--repeats 3] [--work /tmp/run_end_cpu]
         [--out benchmarks/results/run_end_cpu.json]
@@ -50,6 +51,23 @@ def read_with_general_reader(prep: Path):
     return tables
 
 
+def read_by_splitting(prep: Path):
+    """The frames table as ranks read it before the memory map (e2cf890): each file read whole and
+    split into lines, both files' ids checked equal."""
+    tables = []
+    for name in ("identified_nucleotide.fa", "identified_protein.faa"):
+        lines = (prep / name).read_text().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        headers, sequences = lines[0::2], lines[1::2]
+        assert all(h[:1] == ">" and " " not in h and "\t" not in h for h in headers)
+        assert not any(q[:1] == ">" for q in sequences)
+        tables.append(([h[1:] for h in headers], sequences))
+    assert tables[0][0] == tables[1][0]
+    lengths = np.fromiter((len(q) for q in tables[1][1]), dtype=np.int64, count=len(tables[1][1]))
+    return tables, lengths
+
+
 def timed(fn, repeats: int) -> tuple[list[float], object]:
     times, result = [], None
     for _ in range(repeats):
@@ -87,6 +105,7 @@ def main() -> None:
     assert table == reference, "the two highest-score tables differ"
 
     seconds["frames table, general reader (lists)"], _ = timed(lambda: read_with_general_reader(prep), args.repeats)
+    seconds["frames table, read and split (before)"], _ = timed(lambda: read_by_splitting(prep), args.repeats)
     seconds["frames table, memory-mapped, fresh prep"], _ = timed(
         lambda: read_frames_table(prep, check_ids=False).protein_lengths(), args.repeats)
     seconds["frames table, memory-mapped, ids compared"], _ = timed(
