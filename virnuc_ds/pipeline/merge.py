@@ -154,7 +154,7 @@ class MergeWriter:
 
             self.classify_device = pick_device(self.classify_device)
             self.classifier = load_classifier(self.classifier_path, expected_input_dim=features.shape[1])
-            self.groups = SequenceGroups(self.frame_ids)  # ~0.5 s for a million frames: off the run's end
+            self.groups = SequenceGroups(self.frame_ids)  # ~0.9 s for 626k frames (benchmarks/run_end_cpu.py): off the run's end
         probs = predict_probabilities(self.classifier, features, device=self.classify_device)  # [n, 2]
         self.probabilities[idx] = probs
         for k, i in enumerate(idx):
