@@ -12,8 +12,9 @@
 #   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
 #                                                    # of every run so far
 #   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
-#                                                    # import times; N=4 x4 with VIRNUC_DS_PRELOAD_KERNELS
-#                                                    # off/on/off/on, every rank's start-up and load steps
+#                                                    # import times; N=4 (or every GPU of a smaller machine)
+#                                                    # x4 with VIRNUC_DS_PRELOAD_KERNELS off/on/off/on,
+#                                                    # every rank's start-up and load steps
 #
 # Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
 # cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
@@ -93,10 +94,14 @@ setup)
     ;;
 probe)
     pack_on_term probe
-    # fixed costs on a small sample: import times of the launch chain, then N=4 four times,
-    # alternating VIRNUC_DS_PRELOAD_KERNELS=0/1 (DeepSpeed imported beside the weight load or
-    # after it), with every rank's start-up and load steps; tests/gpu beside the setup
-    gpu_tests 3 &
+    # fixed costs on a small sample: import times of the launch chain, then N=4 (every GPU on a
+    # machine of fewer) four times, alternating VIRNUC_DS_PRELOAD_KERNELS=0/1 (DeepSpeed imported
+    # beside the weight load or after it), with every rank's start-up and load steps; tests/gpu
+    # beside the setup on a machine of 4 GPUs
+    gpus=4
+    if [ -z "${TINY:-}" ]; then gpus=$(nvidia-smi -L | wc -l); fi
+    if [ "$gpus" -gt 4 ]; then gpus=4; fi
+    if [ "$gpus" -ge 4 ]; then gpu_tests 3 & fi
     for mod in torch deepspeed deepspeed.launcher.runner; do
         python3 -c "import $mod" 2> /dev/null   # warm the page cache
         /usr/bin/time -f "import $mod: %e s" python3 -c "import $mod" 2>> "$RESULTS/import_seconds.txt"
@@ -108,6 +113,7 @@ probe)
     python3 -c "import time, torch; t = time.time(); torch.cuda.init(); print('torch.cuda.init: %.2f s' % (time.time() - t))" \
         >> "$RESULTS/import_seconds.txt" 2>&1 || true
     python3 -X importtime -c "import deepspeed" 2> "$RESULTS/importtime_deepspeed.txt" || true
+    python3 -X importtime -m virnuc_ds.run --help > /dev/null 2> "$RESULTS/importtime_rank.txt" || true
     python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 || true
     scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
     wait
@@ -117,16 +123,16 @@ probe)
         [ "${name:3:2}" = "on" ] && preload=1
         # shellcheck disable=SC2046
         VIRNUC_DS_PRELOAD_KERNELS=$preload $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
-            --gpus 4 --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
+            --gpus "$gpus" --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
             || tail -n 20 "$RESULTS/$name.log"
         port=$((port + 20))
     done
     cat "$RESULTS/import_seconds.txt"
-    tail -n 3 "$RESULTS/gpu_pytest.txt"
+    tail -n 3 "$RESULTS/gpu_pytest.txt" 2> /dev/null || true
     python3 - "$RESULTS" <<'PY' || true
 import json, sys
 from pathlib import Path
-print("run        e2e    ready  per rank: model_load weights embedder kernels_wait")
+print("run        e2e    ready  per rank: model_load weights embedder kernels (op import+load) kernels_wait (preloaded)")
 for name in ("p4_off_a", "p4_on_a", "p4_off_b", "p4_on_b"):
     f = Path(sys.argv[1]) / name / "scaling_raw.json"
     if not f.exists():
@@ -134,9 +140,9 @@ for name in ("p4_off_a", "p4_on_a", "p4_off_b", "p4_on_b"):
     res = next(iter(json.loads(f.read_text()).values()))
     ranks = res["report"]["ranks"]
     steps = lambda k: " ".join("%.2f" % r.get(k, 0.0) for r in ranks)
-    print("%-9s %6.1f %6.2f  load [%s] weights [%s] embedder [%s] wait [%s]" % (
+    print("%-9s %6.1f %6.2f  load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (
         name, res["wall"], max(r.get("ready", 0.0) for r in ranks), steps("model_load"), steps("load_esm2_weights"),
-        steps("load_esm2_embedder"), steps("load_kernels_wait")))
+        steps("load_esm2_embedder"), steps("load_kernels"), steps("load_kernels_wait")))
 PY
     pack probe
     ;;
