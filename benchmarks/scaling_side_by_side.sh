@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/scaling_side_by_side.sh setup    # models, samples, the op build (~90 s on a fresh
 #                                                    # machine; every phase runs it, ~10 s once done)
-#   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 contigs500 (GPU 0),
-#                                                    # N=1 reads150 (GPU 1), tests/gpu (GPU 2), then
+#   bash benchmarks/scaling_side_by_side.sh phase1   # setup; side by side: N=1 of $N1_WORKLOADS
+#                                                    # (default contigs500 on GPU 0, reads150 on GPU 1),
+#                                                    # tests/gpu (GPU 2; GPU_TESTS=0: none), then
 #                                                    # N=2 (GPUs 2,3) of $N2_WORKLOADS (default none)
 #   bash benchmarks/scaling_side_by_side.sh n2       # N=2 of $N2_WORKLOADS (default both) side by side on
 #                                                    # GPUs 0,1 and 2,3; COMBINE=1: then the summary
@@ -30,6 +31,7 @@ OUT=${OUT:-$PWD/scaling_out}
 WORK=${WORK:-/tmp/virnuc_scaling}
 CONTIGS_S=${CONTIGS_S:-385}
 READS_S=${READS_S:-385}
+N1_WORKLOADS=${N1_WORKLOADS:-contigs500 reads150}
 N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
 RESULTS=$WORK/results
@@ -150,14 +152,17 @@ phase1)
     pack_on_term phase1
     nvidia-smi topo -m > "$RESULTS/topology.txt" 2>&1 || true
     setup
-    # shellcheck disable=SC2046 # pin's words are meant to split
-    $(pin 0 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload contigs500 --devices 0 \
-        --port 29500 --out "$RESULTS/c1" > "$RESULTS/c1.log" 2>&1 &
-    # shellcheck disable=SC2046
-    $(pin 1 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload reads150 --devices 1 \
-        --port 29520 --out "$RESULTS/r1" > "$RESULTS/r1.log" 2>&1 &
+    # N=1 of each of $N1_WORKLOADS side by side on GPUs 0 and 1 (16 cores each), and on GPUs 2,3:
+    # tests/gpu (unless GPU_TESTS=0), then N=2 of $N2_WORKLOADS
+    gpu=0
+    for workload in $N1_WORKLOADS; do
+        # shellcheck disable=SC2046 # pin's words are meant to split
+        $(pin $gpu 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload "$workload" \
+            --devices $gpu --port $((29500 + 20 * gpu)) --out "$RESULTS/${workload:0:1}1" > "$RESULTS/${workload:0:1}1.log" 2>&1 &
+        gpu=$((gpu + 1))
+    done
     (
-        gpu_tests 2
+        if [ "${GPU_TESTS:-1}" != 0 ]; then gpu_tests 2; fi
         port=29540
         for workload in $N2_WORKLOADS; do
             # shellcheck disable=SC2046
@@ -168,7 +173,7 @@ phase1)
     ) > "$RESULTS/n2.log" 2>&1 &
     status=0
     for job in $(jobs -p); do wait "$job" || status=1; done
-    tail -n 4 "$RESULTS"/c1.log "$RESULTS"/r1.log "$RESULTS"/n2.log "$RESULTS/gpu_pytest.txt"
+    tail -n 4 "$RESULTS"/?1.log "$RESULTS"/n2.log "$RESULTS/gpu_pytest.txt" 2> /dev/null || true
     pack phase1
     exit $status
     ;;

@@ -24,7 +24,7 @@ def test_prepare_matches_original(golden, tmp_path, length):
 
 def test_prepare_same_for_any_worker_count_and_block_size(golden, tmp_path):
     prepare(golden / "prep" / "input.fa", 500, tmp_path / "one", workers=1)
-    prepare(golden / "prep" / "input.fa", 500, tmp_path / "two", workers=2, block_bases=5000)
+    prepare(golden / "prep" / "input.fa", 500, tmp_path / "two", workers=2, block_bytes=5000)
     for name in OUTPUTS:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

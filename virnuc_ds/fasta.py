@@ -2,6 +2,13 @@
 
 The record id is the first word of the header, as Biopython's `SeqIO.parse(..., "fasta")` gives it
 (the original tool's ids). Records are yielded one at a time: millions of reads never sit in memory.
+
+Two readers, one reading: `read_fasta` yields records one by one and names the file, record and
+reason of the first problem. `record_blocks` + `parse_fasta_block` split the file into blocks of
+whole records as raw bytes, so worker processes can parse them (prepare reads a large sample this
+way: one process parsing records was its slowest step). A block parses to exactly the records
+read_fasta yields for those lines; where read_fasta would raise, the block parser raises
+BlockRejected and the caller reads the file with read_fasta for the exact error.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import BinaryIO, Iterable, Iterator, TextIO
 
 import numpy as np
 
@@ -29,8 +36,8 @@ class FastaRecord:
     description: str = ""
 
 
-def open_text(path: str | os.PathLike) -> TextIO:
-    """Open a text file, transparently decompressing gzip (detected by its magic bytes)."""
+def open_binary(path: str | os.PathLike) -> BinaryIO:
+    """Open a file's bytes, transparently decompressing gzip (detected by its magic bytes)."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -38,9 +45,12 @@ def open_text(path: str | os.PathLike) -> TextIO:
         raise InputError(path, "is a folder, not a file")
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline=None)
-    return open(path, "r", encoding="utf-8", errors="replace", newline=None)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def open_text(path: str | os.PathLike) -> TextIO:
+    """Open a text file (UTF-8, undecodable bytes replaced, universal newlines), gzip or plain."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="replace", newline=None)
 
 
 def read_fasta(
@@ -105,8 +115,83 @@ def read_fasta(
         yield finish()
     if count == 0 and not allow_empty_file:
         raise InputError(path, "contains no FASTA records (empty file?)")
-    if seen is not None and seen.has_duplicates():
-        raise InputError(path, "duplicate record id", record=_first_duplicate_id(path))
+    if seen is not None:
+        check_unique_ids(path, seen)
+
+
+class BlockRejected(ValueError):
+    """A block holds something read_fasta refuses; read the file with read_fasta for the error."""
+
+
+def record_blocks(path: str | os.PathLike, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The file's bytes (decompressed) in blocks of about block_bytes or more, each cut just before
+    a '>' that starts a line, so a record never spans two blocks; together they are the file.
+    Raises InputError (missing file, a folder), OSError or EOFError (unreadable, broken gzip)."""
+    pending: list[bytes] = []  # read since the last cut
+    previous = b""  # the byte before this read: a line may start at the read's first byte
+    with open_binary(path) as fh:
+        while data := fh.read(block_bytes):
+            probe = previous + data
+            start = _last_line_start(probe)
+            previous = data[-1:]
+            if start < 0:
+                pending.append(data)
+                continue
+            cut = start - (len(probe) - len(data))  # that '>' in data
+            block = b"".join([*pending, data[:cut]])
+            if block:
+                yield block
+            pending = [data[cut:]]
+    if pending:
+        yield b"".join(pending)
+
+
+def _last_line_start(buf: bytes) -> int:
+    """Index of the last '>' that begins a line (after '\n', or '\r' alone), or -1."""
+    end = len(buf)
+    while (i := buf.rfind(b">", 1, end)) > 0:
+        if buf[i - 1] in b"\r\n":
+            return i
+        end = i
+    return -1
+
+
+def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tuple[str, str]]:
+    """(id, sequence) of the records in a block from record_blocks, as read_fasta reads them
+    (UTF-8 with replacement, universal newlines, ids the header's first word, whitespace dropped
+    from sequences). Raises BlockRejected where read_fasta raises InputError; duplicate ids and an
+    empty file are the caller's to check across blocks."""
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    records: list[tuple[str, str]] = []
+    rid: str | None = None
+    parts: list[str] = []
+
+    def finish() -> None:
+        sequence = "".join(parts)
+        if not sequence:
+            raise BlockRejected(f"record {rid!r}: empty sequence")
+        if check_nucleotides and sequence.encode("utf-8").translate(None, _NUCLEOTIDE_BYTES):
+            raise BlockRejected(f"record {rid!r}: a character that is not a nucleotide code")
+        records.append((rid, sequence))
+
+    for line in text.split("\n"):
+        if line.startswith(">"):
+            if rid is not None:
+                finish()
+            words = line[1:].split(None, 1)
+            if not words:
+                raise BlockRejected("a header without an id")
+            rid, parts = words[0], []
+            continue
+        stripped = "".join(line.split())
+        if not stripped:
+            continue
+        if rid is None:
+            raise BlockRejected("a line before any '>' header")
+        parts.append(stripped)
+    if rid is not None:
+        finish()
+    return records
 
 
 class _IdHashes:
@@ -125,6 +210,9 @@ class _IdHashes:
             self._blocks.append(np.array(self._current, dtype=np.int64))
             self._current = []
 
+    def extend(self, ids: list[str]) -> None:
+        self._blocks.append(np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids)))
+
     def repeated(self) -> set[int]:
         """Hashes seen more than once."""
         hashes = np.sort(np.concatenate([*self._blocks, np.array(self._current, dtype=np.int64)]))
@@ -132,6 +220,12 @@ class _IdHashes:
 
     def has_duplicates(self) -> bool:
         return bool(self.repeated())
+
+
+def check_unique_ids(path, seen: _IdHashes) -> None:
+    """Raise read_fasta's InputError if ids collected with seen.add/extend repeat."""
+    if seen.has_duplicates():
+        raise InputError(path, "duplicate record id", record=_first_duplicate_id(path))
 
 
 def _first_duplicate_id(path) -> str | None:

@@ -4,8 +4,10 @@ Outputs in the output folder (each written atomically: complete under its final 
   chunked.fa                  the chunks ({id}_chunk_{k}), input letter case kept
   identified_nucleotide.fa    the kept frames' nucleotide sequences
   identified_protein.faa      the kept frames' proteins
-The input is streamed in blocks of records; blocks are translated in worker processes and written
-in input order, so the output is the same for any number of workers.
+The input is streamed in blocks of whole records (raw bytes); worker processes parse, chunk and
+translate them, and the results are written in input order, so the output is the same for any
+number of workers and any block size. Bad input is reported as read_fasta reports it (file,
+record, reason): a block the workers refuse sends the file through read_fasta for the error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, ensure_writable_dir
 from ..errors import InputError
-from ..fasta import read_fasta
+from ..fasta import BlockRejected, _IdHashes, check_unique_ids, parse_fasta_block, read_fasta, record_blocks
 from .chunking import chunk_sequence
 from .frames import translate_chunks
 
@@ -40,32 +42,38 @@ class PrepareStats:
     frames: int = 0
 
 
-def _process_block(args: tuple[list[tuple[str, str]], int]) -> tuple[str, str, str, int, int, int, int]:
-    """One block of input records -> (chunk FASTA text, nucleotide text, protein text, counts)."""
-    records, chunk_length = args
+def _process_block(args: tuple[bytes, int]) -> tuple[str, str, str, list[str], int, int, int]:
+    """One block of input bytes -> (chunk FASTA text, nucleotide text, protein text, record ids, counts)."""
+    raw, chunk_length = args
+    records = parse_fasta_block(raw, check_nucleotides=True)
     chunks = [c for rid, seq in records for c in chunk_sequence(rid, seq, chunk_length)]
     frames = translate_chunks(chunks)
     chunk_text = "".join(f">{cid}\n{seq}\n" for cid, seq in chunks)
     nuc_text = "".join(f">{f.id}\n{f.nucleotide}\n" for f in frames)
     prot_text = "".join(f">{f.id}\n{f.protein}\n" for f in frames)
     n_bases = sum(len(s) for _, s in records)
-    return chunk_text, nuc_text, prot_text, len(records), len(chunks), len(frames), n_bases
+    return chunk_text, nuc_text, prot_text, [rid for rid, _ in records], len(chunks), len(frames), n_bases
 
 
-BLOCK_RECORDS = 8192  # with block_bases, bounds the memory one block takes (many short reads, or long contigs)
+BLOCK_BYTES = 1 << 20  # input bytes a worker takes at a time (whole records: a longer record is one block)
 
 
-def _blocks(path: Path, block_bases: int, chunk_length: int):
-    block: list[tuple[str, str]] = []
-    size = 0
-    for rec in read_fasta(path, check_nucleotides=True):
-        block.append((rec.id, rec.sequence))
-        size += len(rec.sequence)
-        if size >= block_bases or len(block) >= BLOCK_RECORDS:
-            yield block, chunk_length
-            block, size = [], 0
-    if block:
-        yield block, chunk_length
+def _input_blocks(path: Path, block_bytes: int, chunk_length: int):
+    """(block of whole records, chunk length) for the workers; a read error is the input's
+    (BlockRejected), not to be confused with one writing the outputs."""
+    try:
+        for raw in record_blocks(path, block_bytes):
+            yield raw, chunk_length
+    except (OSError, EOFError) as error:
+        raise BlockRejected(error) from error
+
+
+def _raise_input_error(path: Path, error):
+    """Bad input found on the block path: read the file with read_fasta, which names the file,
+    record and reason exactly as it always has."""
+    for _ in read_fasta(path, check_nucleotides=True):
+        pass
+    raise InputError(path, f"cannot be read: {error}") from None  # read_fasta found nothing: an I/O error
 
 
 def default_workers() -> int:
@@ -81,12 +89,12 @@ def prepare(
     output_dir: str | os.PathLike,
     *,
     workers: int = 0,
-    block_bases: int = 4_000_000,
+    block_bytes: int = BLOCK_BYTES,
     progress=None,
 ) -> PrepareStats:
     """Run chunking and six-frame translation; returns counts. Raises InputError on bad input.
 
-    workers: processes for translation (0 = all CPUs available to this process, 1 = in-process).
+    workers: processes for parsing and translation (0 = all CPUs available to this process, 1 = in-process).
     progress: optional callable(stats) called after each block.
     """
     if expected_length not in EXPECTED_LENGTHS:
@@ -96,7 +104,8 @@ def prepare(
 
     workers = workers or default_workers()
     stats = PrepareStats()
-    blocks = _blocks(input_fasta, block_bases, expected_length)
+    ids = _IdHashes()  # duplicate record ids, checked across blocks at the end
+    blocks = _input_blocks(input_fasta, block_bytes, expected_length)
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(atomic_path(out / name)) for name in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)]
         handles = [stack.enter_context(open(p, "w", encoding="utf-8")) for p in paths]  # whatever the locale
@@ -104,28 +113,35 @@ def prepare(
         pool = stack.enter_context(mp.get_context("spawn").Pool(workers)) if workers > 1 else None
 
         def write(result) -> None:
-            chunk_text, nuc_text, prot_text, n_records, n_chunks, n_frames, n_bases = result
+            chunk_text, nuc_text, prot_text, record_ids, n_chunks, n_frames, n_bases = result
             for fh, text in zip(handles, (chunk_text, nuc_text, prot_text)):
                 fh.write(text)
-            stats.records += n_records
+            ids.extend(record_ids)
+            stats.records += len(record_ids)
             stats.chunks += n_chunks
             stats.frames += n_frames
             stats.bases += n_bases
             if progress is not None:
                 progress(stats)
 
-        # Blocks are read here (so input errors surface in this process) and translated in the
-        # pool, a bounded number in flight; results are written in input order.
+        # Blocks are read here and parsed and translated in the pool, a bounded number in flight;
+        # results are written in input order.
         in_flight: collections.deque = collections.deque()
-        for block in blocks:
-            if pool is None:
-                write(_process_block(block))
-                continue
-            in_flight.append(pool.apply_async(_process_block, (block,)))
-            while len(in_flight) > 2 * workers:
+        try:
+            for block in blocks:
+                if pool is None:
+                    write(_process_block(block))
+                    continue
+                in_flight.append(pool.apply_async(_process_block, (block,)))
+                while len(in_flight) > 2 * workers:
+                    write(in_flight.popleft().get())
+            while in_flight:
                 write(in_flight.popleft().get())
-        while in_flight:
-            write(in_flight.popleft().get())
+        except BlockRejected as error:
+            _raise_input_error(input_fasta, error)
+        if stats.records == 0:
+            _raise_input_error(input_fasta, "no records")
+        check_unique_ids(input_fasta, ids)
         for fh in handles:
             fh.close()
     log.info("prepared %d chunks and %d frames from %s", stats.chunks, stats.frames, input_fasta)
