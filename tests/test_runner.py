@@ -74,6 +74,9 @@ def test_two_ranks_under_the_deepspeed_launcher_match_one_rank(demo, one_rank, t
     assert labels(one_rank) == labels(out)
     assert (one_rank / "prediction_results_highestscore.csv").read_text() == (out / "prediction_results_highestscore.csv").read_text()
     assert "rank1" in proc.stdout + proc.stderr  # both ranks worked
+    # a fresh distributed run's ranks load their models while the process group forms
+    ranks = json.loads((out / "run_report.json").read_text())["ranks"]
+    assert all("model_load_wait" in r and r["model_load"] > 0 for r in ranks)
 
 
 def test_batch_budget_does_not_change_results(demo, one_rank, tmp_path):

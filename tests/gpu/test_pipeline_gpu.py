@@ -107,3 +107,31 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     a, b = read_embeddings(tmp_path / "ref" / "embeddings.h5"), read_embeddings(tmp_path / "capped" / "embeddings.h5")
     assert a.ids == b.ids and cosine_rows(a.esm2, b.esm2).min() >= 0.9999
     assert cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.9999
+
+
+def test_two_ranks_on_a_gpu_load_their_models_early_and_match_one_rank(gpu_models, tmp_path):
+    """Two ranks (sharing this GPU when it is the only one) started as the deepspeed launcher starts
+    them: each builds its kernels in the early-load thread and runs them from the main thread. Same
+    embeddings (bf16 either way: to rounding) and identical labels as one rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert main(["run", "-c", str(gpu_models), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "one")]) == 0
+    base = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29781")
+    cmd = [sys.executable, "-m", "virnuc_ds.run", "-c", str(gpu_models), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "two")]
+    ranks = [subprocess.Popen(cmd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    report = json.loads((tmp_path / "two" / "run_report.json").read_text())
+    assert all("model_load_wait" in r for r in report["ranks"])
+    a, b = read_embeddings(tmp_path / "one" / "embeddings.h5"), read_embeddings(tmp_path / "two" / "embeddings.h5")
+    assert a.ids == b.ids
+    assert cosine_rows(a.esm2, b.esm2).min() >= 0.9999 and cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.9999
+    labels = lambda p: [r.split("\t")[:2] for r in (p / "prediction_results.txt").read_text().splitlines()]
+    assert labels(tmp_path / "one") == labels(tmp_path / "two")

@@ -110,7 +110,24 @@ def process_group_backend(setting: str, use_cuda: bool, world: int, local_world_
     return setting
 
 
-def init_ranks(timeout_minutes: int = 60, force_cpu: bool = False, backend_setting: str = "auto") -> RankContext:
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where this rank runs, known from the launcher's environment before any rank talks to another."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    local_world_named: int | None  # the launcher's count of this node's ranks, if it gave one
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def place_rank(force_cpu: bool = False) -> RankPlacement:
+    """This rank's GPU (LOCAL_RANK's, made current) or the CPU, and its share of the node's cores."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -124,12 +141,19 @@ def init_ranks(timeout_minutes: int = 60, force_cpu: bool = False, backend_setti
         device = torch.device("cpu")
     if local_world > 1 or not use_cuda:
         share_cores(local_world)
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        backend = process_group_backend(backend_setting, use_cuda, world, int(named) if named else None)
+    return RankPlacement(rank, world, local_rank, local_world, int(named) if named else None, device)
+
+
+def join_ranks(placement: RankPlacement, timeout_minutes: int = 60, backend_setting: str = "auto") -> RankContext:
+    """The process group of a distributed run (waits for every rank to arrive; the GIL is free
+    meanwhile, so a thread can load models); the rank context either way."""
+    if placement.distributed and not dist.is_initialized():
+        use_cuda = placement.device.type == "cuda"
+        backend = process_group_backend(backend_setting, use_cuda, placement.world_size, placement.local_world_named)
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=timeout_minutes),
-            **({"device_id": device} if backend == "nccl" else {}),
+            **({"device_id": placement.device} if backend == "nccl" else {}),
         )
-    return RankContext(rank, world, local_rank, local_world, device, distributed)
+    return RankContext(placement.rank, placement.world_size, placement.local_rank, placement.local_world_size,
+                       placement.device, placement.distributed)

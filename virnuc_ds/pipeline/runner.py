@@ -1,6 +1,7 @@
 """The rank runner's stages in order (entry point: virnuc_ds/run.py).
 
   check the output folder (rank 0)  -> fingerprint of input, config and models; --force clears
+     (a fresh run's ranks start loading their models before this, while the process group forms)
   prepare (rank 0, all CPU cores)   -> OUT/prep/{chunked.fa, identified_nucleotide.fa, identified_protein.faa}
      in a process of its own, while every rank loads its models
   plan parts + assign to ranks      -> pipeline/shard.py (length-sorted, token-balanced, any world size)
@@ -14,10 +15,12 @@ Rerunning the same command resumes: finished parts are skipped. `--force` starts
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,12 +28,12 @@ import torch
 
 from ..atomic import ensure_writable_dir, remove_stale_temporaries
 from ..config import Config, load_config
-from ..errors import InputError, InterruptedRun
+from ..errors import InputError, InterruptedRun, VirnucError
 from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA
 from ..progress import ProgressReporter
 from ..run import PREP_DIR
 from ..version import __version__
-from .distributed import init_ranks
+from .distributed import join_ranks, place_rank
 from .embed_part import embed_part, injected_fault_ids, load_embedders
 from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
@@ -109,14 +112,62 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
     return {"fingerprint": fingerprint, "prepared": prepared, "new_manifest": new_manifest}
 
 
+def _models_and_numerics(cfg: Config, device: torch.device) -> tuple[Path, Path, torch.dtype, torch.dtype, bool]:
+    """(ESM-2 checkpoint, DNABERT-S folder, their dtypes, whether ESM-2 runs on DeepSpeed's kernels)."""
+    from ..models.dnabert_s import resolve_dnabert_s_folder
+    from ..models.esm2 import resolve_esm2_checkpoint
+
+    esm2_path = resolve_esm2_checkpoint(cfg.models.esm2)
+    dnabert_path = resolve_dnabert_s_folder(cfg.models.dnabert_s)
+    kernel_inject = cfg.esm2.replace_with_kernel_inject and device.type == "cuda"
+    return esm2_path, dnabert_path, resolve_dtype(cfg.esm2.dtype, device), resolve_dtype(cfg.dnabert_s.dtype, device), kernel_inject
+
+
+def _load_models(cfg: Config, device: torch.device, timings: dict):
+    esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = _models_and_numerics(cfg, device)
+    t0 = time.time()
+    loaded = load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, timings)
+    timings["model_load"] = time.time() - t0
+    return loaded
+
+
+def _load_models_early(cfg: Config, args, placement, timings: dict) -> concurrent.futures.Future | None:
+    """A fresh distributed run (no manifest in the output folder, or --force) starts loading its models
+    in a thread before the process group forms: the rendezvous waits for the slowest rank's imports
+    and then takes a few tenths of a second more, and rank 0 checks the output folder after it.
+    A daemon thread: on an error path the rank leaves without waiting for it (distributed ranks
+    end with os._exit). Resumed runs load only if parts remain, as before."""
+    fresh = args.force or not (Path(args.output_dir) / MANIFEST).exists()
+    if not (placement.distributed and fresh):
+        return None
+    try:
+        _models_and_numerics(cfg, placement.device)  # a missing model is reported in order, below
+    except VirnucError:
+        return None
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def load() -> None:
+        try:
+            if placement.device.type == "cuda":
+                torch.cuda.set_device(placement.device)  # the current device is per thread: never GPU 0 by default
+            future.set_result(_load_models(cfg, placement.device, timings))
+        except BaseException as exc:  # noqa: BLE001 - raised where the rank waits for the models
+            future.set_exception(exc)
+
+    threading.Thread(target=load, name="model-load-early", daemon=True).start()
+    return future
+
+
 def run(args) -> int:
     imports = _seconds_since_process_start()  # interpreter and imports
     cfg = apply_overrides(load_config(args.config), args)
     t0 = time.time()
-    ctx = init_ranks(cfg.run.collective_timeout_minutes, force_cpu=args.cpu, backend_setting=cfg.run.process_group)
+    placement = place_rank(force_cpu=args.cpu)
+    timings: dict[str, float] = {"imports": imports}
+    early_models = _load_models_early(cfg, args, placement, timings)
+    ctx = join_ranks(placement, cfg.run.collective_timeout_minutes, backend_setting=cfg.run.process_group)
     stop = StopFlag()
-    timings: dict[str, float] = {"imports": imports, "process_group": time.time() - t0,
-                                 "startup": _seconds_since_process_start()}  # interpreter, imports, process group
+    timings.update(process_group=time.time() - t0, startup=_seconds_since_process_start())  # interpreter, imports, process group
     progress = merger = finisher = None
     try:
         out = Path(args.output_dir)
@@ -125,14 +176,7 @@ def run(args) -> int:
             raise InputError(input_path, "file not found")
         ensure_writable_dir(out)
 
-        from ..models.dnabert_s import resolve_dnabert_s_folder
-        from ..models.esm2 import resolve_esm2_checkpoint
-
-        esm2_path = resolve_esm2_checkpoint(cfg.models.esm2)
-        dnabert_path = resolve_dnabert_s_folder(cfg.models.dnabert_s)
-        esm_dtype = resolve_dtype(cfg.esm2.dtype, ctx.device)
-        dna_dtype = resolve_dtype(cfg.dnabert_s.dtype, ctx.device)
-        kernel_inject = cfg.esm2.replace_with_kernel_inject and ctx.device.type == "cuda"
+        esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = _models_and_numerics(cfg, ctx.device)
         dtypes = {"esm2": str(esm_dtype), "dnabert_s": str(dna_dtype), "device": ctx.device.type, "kernels": kernel_inject}
         if ctx.is_main:
             log.info(
@@ -143,10 +187,12 @@ def run(args) -> int:
             )
 
         def load_models():
-            t0 = time.time()
-            loaded = load_embedders(cfg, esm2_path, dnabert_path, ctx.device, esm_dtype, dna_dtype, kernel_inject, timings)
-            timings["model_load"] = time.time() - t0
-            return loaded
+            if early_models is not None:
+                t_wait = time.time()
+                loaded = early_models.result()
+                timings["model_load_wait"] = time.time() - t_wait
+                return loaded
+            return _load_models(cfg, ctx.device, timings)
 
         # 1. the output folder: fingerprint check (rank 0), shared with every rank
         check = ctx.on_main(
