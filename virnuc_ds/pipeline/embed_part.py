@@ -11,7 +11,7 @@ out-of-memory recovery, write the part.
   inside the ESM-2 stage.
 - Loading overlaps CPU work with the ESM-2 weight copies: DNABERT-S is built in a thread, and with
   VIRNUC_DS_PRELOAD_KERNELS=1 DeepSpeed is imported and its op loaded in another (off by default:
-  a benchmark decides).
+  on one H200 the weight copies slowed by as much as it hid, benchmarks/results/probe_h200_31c17cb).
 """
 
 from __future__ import annotations
