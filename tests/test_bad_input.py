@@ -49,6 +49,28 @@ def test_unwritable_output_dir(tmp_path, capsys):
     assert code == 1 and "output folder is not writable" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_an_unusable_output_path_is_a_one_line_error_in_any_run(tmp_path, world_size):
+    """A name the file system refuses (too long) is reported as such by every rank, not as a
+    traceback: also by the ranks of a distributed run, which look for the output folder's manifest
+    before their process group forms (to start loading models early)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "in.fa").write_text(GOOD)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29791")
+    cmd = [sys.executable, "-m", "virnuc_ds.run", "-i", str(tmp_path / "in.fa"), "-m", "300", "-o", str(tmp_path / ("x" * 300)), "--cpu"]
+    ranks = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world_size)]
+    errors = [p.communicate(timeout=300)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [1] * world_size, errors
+    for err in errors:
+        assert "Traceback" not in err and "output folder is not writable (File name too long)" in err
+
+
 def test_classify_missing_inputs(tmp_path, capsys):
     code = main(["classify", "-e", str(tmp_path / "none.h5"), "-p", str(tmp_path / "m.pth"), "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err

@@ -137,12 +137,13 @@ def _load_models_early(cfg: Config, args, placement, timings: dict) -> concurren
     and then takes a few tenths of a second more, and rank 0 checks the output folder after it.
     A daemon thread: on an error path the rank leaves without waiting for it (distributed ranks
     end with os._exit). Resumed runs load only if parts remain, as before."""
-    fresh = args.force or not (Path(args.output_dir) / MANIFEST).exists()
-    if not (placement.distributed and fresh):
+    if not placement.distributed:
         return None
     try:
+        if not (args.force or not (Path(args.output_dir) / MANIFEST).exists()):
+            return None
         _models_and_numerics(cfg, placement.device)  # a missing model is reported in order, below
-    except VirnucError:
+    except (OSError, VirnucError):  # reported in order below (an unusable output folder, a missing model)
         return None
     future: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -258,6 +259,8 @@ def run(args) -> int:
             timings["truncated_proteins"] = getattr(embedders[0], "truncated_count", 0)
             timings["embedded"] = _seconds_since_process_start()  # the last GPU batch is done
         embedders = None
+        if early_models is not None and not early_models.done():  # loaded for nothing: every part was done
+            concurrent.futures.wait([early_models])  # before its timings are gathered
 
         # 5. merge, check, classify (rank 0) once every rank is done
         ctx.barrier("embeddings done")
