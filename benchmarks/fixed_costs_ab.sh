@@ -9,30 +9,43 @@
 #   mkdir ab_old && git archive C virnuc_ds benchmarks/scaling.py | tar -x -C ab_old
 #   OLD=ab_old OLD_COMMIT=C NEW_COMMIT=$(git rev-parse HEAD) bash benchmarks/fixed_costs_ab.sh
 # Results in $OUT (run_end.*, prepare_ab.txt, e2e_ab.txt, each run's scaling_raw.json); a table last.
+# SKIP_RUN_END=1 leaves out step 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=${OLD:?a tree of the other version}
 OLD=$(cd "$OLD" && pwd)
-OUT=${OUT:-$PWD/ab_out}
-WORK=${WORK:-/tmp/virnuc_ab}
+OUT=$(mkdir -p "${OUT:-ab_out}" && cd "${OUT:-ab_out}" && pwd)
+WORK=$(mkdir -p "${WORK:-/tmp/virnuc_ab}" && cd "${WORK:-/tmp/virnuc_ab}" && pwd)
 READS_S=${READS_S:-20}
 REPEATS=${REPEATS:-2}
 FULL_READS=${FULL_READS:-420934}   # reads150 at the scaling benchmark's default size
 TINY_FLAG=()
 [ -n "${TINY:-}" ] && TINY_FLAG=(--tiny)   # TINY=1 FULL_READS=2000 READS_S=0.3: a CPU rehearsal with the demo models
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK/full"
 
-python3 benchmarks/run_end_cpu.py --work "$WORK/full" --reads "$FULL_READS" --repeats "$REPEATS" \
-    --out "$OUT/run_end.json" > "$OUT/run_end.txt" 2>&1
+HERE=$PWD
+if [ -z "${SKIP_RUN_END:-}" ]; then
+    python3 benchmarks/run_end_cpu.py --work "$WORK/full" --reads "$FULL_READS" --repeats "$REPEATS" \
+        --out "$OUT/run_end.json" > "$OUT/run_end.txt" 2>&1
+fi
+[ -f "$WORK/full/reads150.fa" ] || python3 -c "
+import sys; sys.path.insert(0, 'benchmarks')
+from scaling import WORKLOADS, write_sample
+write_sample(__import__('pathlib').Path(sys.argv[1]), 'reads150', int(sys.argv[2]) * WORKLOADS['reads150'][2])
+" "$WORK/full/reads150.fa" "$FULL_READS"
 
+# Each version runs from its own tree: `python -c` and `-m` put the working directory first on the
+# module path, ahead of PYTHONPATH, so a run started here would import this tree's virnuc_ds.
 prepare_once() {  # $1: tree, $2: label (a -c program: prepare's spawned workers cannot re-import a stdin one)
-    PYTHONPATH="$1:${PYTHONPATH:-}" python3 -c "
+    cd "$1" && PYTHONPATH="$1:${PYTHONPATH:-}" python3 -c "
 import sys, time
 from virnuc_ds.prep.prepare import prepare
 t = time.perf_counter()
 stats = prepare(sys.argv[1], 300, sys.argv[2])
-print(f'{sys.argv[3]} {time.perf_counter() - t:.2f} s {stats.frames} frames')
+import virnuc_ds
+print(f'{sys.argv[3]} {time.perf_counter() - t:.2f} s {stats.frames} frames ({virnuc_ds.__file__})')
 " "$WORK/full/reads150.fa" "$WORK/prep_$2" "$2"
+    cd "$HERE"
 }
 for i in $(seq "$REPEATS"); do
     prepare_once "$OLD" old >> "$OUT/prepare_ab.txt"
@@ -49,8 +62,9 @@ for i in $(seq "$REPEATS"); do
     for version in old new; do
         tree=$PWD commit=${NEW_COMMIT:-unknown}
         if [ "$version" = old ]; then tree=$OLD commit=${OLD_COMMIT:-unknown}; fi
-        VIRNUC_DS_COMMIT=$commit python3 "$tree/benchmarks/scaling.py" --work "$WORK/small" "${TINY_FLAG[@]}" --gpus 1 --workload reads150 \
-            --port $port --out "$OUT/e2e_${version}_$i" > "$OUT/e2e_${version}_$i.log" 2>&1 || tail -n 20 "$OUT/e2e_${version}_$i.log"
+        (cd "$tree" && VIRNUC_DS_COMMIT=$commit python3 benchmarks/scaling.py --work "$WORK/small" "${TINY_FLAG[@]}" --gpus 1 \
+            --workload reads150 --port $port --out "$OUT/e2e_${version}_$i" > "$OUT/e2e_${version}_$i.log" 2>&1) \
+            || tail -n 20 "$OUT/e2e_${version}_$i.log"
         port=$((port + 20))
     done
 done
@@ -69,4 +83,4 @@ for f in runs:  # in the order they ran
         f.parent.name, res["wall"], r["ready"], rep["prepare"]["seconds"], r["model_load"], r.get("plan", 0.0),
         r["embedded"] - r["ready"], rep["merge_seconds"], res["wall"] - res["launcher_events"].get("last_rank_exit_seen", res["wall"])))
 PY
-tail -n 12 "$OUT/run_end.txt"
+tail -n 12 "$OUT/run_end.txt" 2> /dev/null || true
