@@ -25,7 +25,7 @@ mkdir -p "$OUT" "$WORK/full"
 
 HERE=$PWD
 if [ -z "${SKIP_RUN_END:-}" ]; then
-    python3 benchmarks/run_end_cpu.py --work "$WORK/full" --reads "$FULL_READS" --repeats "$REPEATS" \
+    VIRNUC_DS_COMMIT=${NEW_COMMIT:-} python3 benchmarks/run_end_cpu.py --work "$WORK/full" --reads "$FULL_READS" --repeats "$REPEATS" \
         --out "$OUT/run_end.json" > "$OUT/run_end.txt" 2>&1
 fi
 [ -f "$WORK/full/reads150.fa" ] || python3 -c "

@@ -125,7 +125,9 @@ def main() -> None:
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
+    # a device's copy of the tree may have no (or a stale) .git: the caller passes the commit in VIRNUC_DS_COMMIT
+    commit = os.environ.get("VIRNUC_DS_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     result = {"frames": len(ids), "sequences": len(groups.keys), "seconds": seconds, "python": platform.python_version(),
               "torch": torch.__version__, "numpy": np.__version__, "cpu": platform.machine(),
               "cores": len(os.sched_getaffinity(0)), "commit": commit, "command": " ".join(sys.argv)}
