@@ -10,16 +10,17 @@
 #                                                    # N=2 (GPUs 2,3) of $N2_WORKLOADS (default none)
 #   bash benchmarks/scaling_side_by_side.sh n2       # N=2 of $N2_WORKLOADS (default both) side by side on
 #                                                    # GPUs 0,1 and 2,3; COMBINE=1: then the summary
-#   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS, then the combined summary
+#   bash benchmarks/scaling_side_by_side.sh phase2   # N=4 of $N4_WORKLOADS (N_LARGE="4 8" on an 8-GPU
+#                                                    # node: N=8 too), then the combined summary
 #                                                    # of every run so far
 #   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
 #                                                    # import times; N=4 (or every GPU of a smaller machine)
 #                                                    # x4 with VIRNUC_DS_PRELOAD_KERNELS off/on/off/on,
 #                                                    # every rank's start-up and load steps
 #
-# Every job gets 16 cores per GPU, as the device kinds are provisioned (nvidia-h200: 1 GPU, 16
-# cores; -x4: 4 GPUs, 64 cores): a job on k GPUs is pinned (taskset) to k quarters of the node's
-# cores, so jobs side by side never share a core, and N=4 has the whole node. Each phase ends by
+# Every job gets its GPUs' share of the node's cores, as the device kinds are provisioned (16 cores
+# per GPU: nvidia-h200 1 GPU, 16 cores; -x4 4 GPUs, 64 cores): a job on GPUs k..k+n-1 is pinned
+# (taskset) to their share, so jobs side by side never share a core, and N=all has the whole node. Each phase ends by
 # packing its results into $OUT/<phase>.tgz and the agreement samples into $OUT/<phase>_agreement.tgz
 # (the device tool returns only a few files, each under a size limit).
 # Sizes: CONTIGS_S / READS_S = ESM-2 seconds on one GPU each sample is sized for (the one-GPU run
@@ -34,16 +35,20 @@ READS_S=${READS_S:-385}
 N1_WORKLOADS=${N1_WORKLOADS:-contigs500 reads150}
 N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
+N_LARGE=${N_LARGE:-4}
 RESULTS=$WORK/results
 mkdir -p "$OUT" "$RESULTS"
 cores=$(nproc)
-quarter=$((cores / 4))
+node_gpus=4
+if [ -z "${TINY:-}" ]; then node_gpus=$(nvidia-smi -L 2> /dev/null | wc -l); fi
+if [ "$node_gpus" -lt 1 ]; then node_gpus=4; fi
+per_gpu=$((cores / node_gpus))
 TINY_FLAG=()
 [ -n "${TINY:-}" ] && TINY_FLAG=(--tiny)
-# pin a job to quarters $1 .. $1+$2-1 of the cores (not on a machine with fewer than 4)
+# pin a job on GPUs $1 .. $1+$2-1 to their share of the cores (not on a machine of fewer cores than GPUs)
 pin() {
-    if [ "$quarter" -ge 1 ] && command -v taskset > /dev/null; then
-        echo taskset -c "$(($1 * quarter))-$((($1 + $2) * quarter - 1))"
+    if [ "$per_gpu" -ge 1 ] && command -v taskset > /dev/null; then
+        echo taskset -c "$(($1 * per_gpu))-$((($1 + $2) * per_gpu - 1))"
     fi
 }
 scaling() { python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" "$@"; }
@@ -81,7 +86,7 @@ pack_on_term() {
 # the summary of every run so far in $RESULTS/summary, with each run's report and launcher log
 combine() {
     folders=()
-    for f in "$RESULTS"/c1 "$RESULTS"/r1 "$RESULTS"/c2 "$RESULTS"/r2 "$RESULTS"/c4 "$RESULTS"/r4; do
+    for f in "$RESULTS"/c1 "$RESULTS"/r1 "$RESULTS"/c2 "$RESULTS"/r2 "$RESULTS"/c4 "$RESULTS"/r4 "$RESULTS"/c8 "$RESULTS"/r8; do
         if [ -f "$f/scaling_summary.json" ]; then folders+=("$f"); fi
     done
     mkdir -p "$RESULTS/summary"
@@ -124,7 +129,7 @@ probe)
         preload=0
         [ "${name:3:2}" = "on" ] && preload=1
         # shellcheck disable=SC2046
-        VIRNUC_DS_PRELOAD_KERNELS=$preload $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
+        VIRNUC_DS_PRELOAD_KERNELS=$preload $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
             --gpus "$gpus" --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
             || tail -n 20 "$RESULTS/$name.log"
         port=$((port + 20))
@@ -199,11 +204,14 @@ phase2)
     pack_on_term phase2
     setup   # a fresh machine: same seeds, same samples (written once: a warm machine reuses them)
     port=29600
-    for workload in $N4_WORKLOADS; do
-        # shellcheck disable=SC2046
-        $(pin 0 4) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 4 --workload "$workload" \
-            --port $port --out "$RESULTS/${workload:0:1}4" > "$RESULTS/${workload:0:1}4.log" 2>&1 || tail -n 20 "$RESULTS/${workload:0:1}4.log"
-        port=$((port + 20))
+    for n in $N_LARGE; do
+        for workload in $N4_WORKLOADS; do
+            name=${workload:0:1}$n
+            # shellcheck disable=SC2046
+            $(pin 0 "$n") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus "$n" --workload "$workload" \
+                --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 || tail -n 20 "$RESULTS/$name.log"
+            port=$((port + 20))
+        done
     done
     combine
     pack phase2
