@@ -17,6 +17,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def _input_blocks(path: Path, block_bytes: int, chunk_length: int):
             yield raw, chunk_length
     except (OSError, EOFError) as error:
         raise BlockRejected(error) from error
+
+
+def _settle(in_flight: collections.deque, timeout_s: float = 60.0) -> None:
+    """Wait (a bounded time) for the blocks still in the pool before it is terminated: a
+    multiprocessing Pool terminated with tasks in flight can deadlock (its task handler stuck on the
+    queue's lock; seen in about 1 of 30 bad inputs on 2 cores)."""
+    deadline = time.monotonic() + timeout_s
+    for result in in_flight:
+        result.wait(max(0.0, deadline - time.monotonic()))
+    in_flight.clear()
 
 
 def _raise_input_error(path: Path, error):
@@ -138,7 +149,11 @@ def prepare(
             while in_flight:
                 write(in_flight.popleft().get())
         except BlockRejected as error:
+            _settle(in_flight)
             _raise_input_error(input_fasta, error)
+        except BaseException:
+            _settle(in_flight)
+            raise
         if stats.records == 0:
             _raise_input_error(input_fasta, "no records")
         check_unique_ids(input_fasta, ids)
