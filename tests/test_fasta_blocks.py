@@ -76,3 +76,29 @@ def test_prepare_same_output_for_any_block_size(tmp_path):
     prepare(path, 300, tmp_path / "b", workers=2, block_bytes=333)
     for name in ("chunked.fa", "identified_nucleotide.fa", "identified_protein.faa"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_bad_input_with_blocks_in_flight_never_hangs(tmp_path):
+    """A bad block ends prepare while other blocks are still in the pool. Terminating a Pool with tasks
+    in flight could deadlock (once in ~20 tries here before the fix): 30 tries, in a child with a time limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _sample(tmp_path, b">bad\nACGTQ\n")
+    code = (
+        "from virnuc_ds.prep.prepare import prepare\n"
+        "from virnuc_ds.errors import InputError\n"
+        "if __name__ == '__main__':\n"
+        "    for _ in range(30):\n"
+        "        try:\n"
+        f"            prepare({str(path)!r}, 300, {str(tmp_path / 'out')!r}, workers=2, block_bytes=4096)\n"
+        "        except InputError:\n"
+        "            pass\n"
+        "    print('done')\n"
+    )
+    (tmp_path / "loop.py").write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, str(tmp_path / "loop.py")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
