@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -61,16 +58,10 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, str(interval), "1" if busy else "0"],
                                  capture_output=True, text=True, check=True).stdout
             times.setdefault(f"{interval * 1000:g} ms, {'beside a busy thread' if busy else 'alone'}", []).append(float(out))
-    import torch
+    from provenance import print_medians, provenance
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    result = {"copies_seconds": times, "python": platform.python_version(), "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-              "commit": commit, "command": " ".join(sys.argv)}
-    print(f"{'setting':<32} {'median s':>9}  runs")
-    for name, values in times.items():
-        print(f"{name:<32} {statistics.median(values):>9.2f}  {' '.join(f'{v:.2f}' for v in values)}")
+    result = {"copies_seconds": times, **provenance()}
+    print_medians("setting", times)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

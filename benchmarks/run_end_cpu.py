@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,18 +120,11 @@ def main() -> None:
         lambda: prepare(sample, 300, args.work / "prep_again"), args.repeats)
     assert stats.records == n_read
 
-    import torch
+    from provenance import print_medians, provenance
 
-    # a device's copy of the tree may have no (or a stale) .git: the caller passes the commit in VIRNUC_DS_COMMIT
-    commit = os.environ.get("VIRNUC_DS_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
-    result = {"frames": len(ids), "sequences": len(groups.keys), "seconds": seconds, "python": platform.python_version(),
-              "torch": torch.__version__, "numpy": np.__version__, "cpu": platform.machine(),
-              "cores": len(os.sched_getaffinity(0)), "commit": commit, "command": " ".join(sys.argv)}
+    result = {"frames": len(ids), "sequences": len(groups.keys), "seconds": seconds, **provenance()}
     print(f"{len(ids)} frames, {len(groups.keys)} sequences")
-    print(f"{'step':<52} {'median s':>9}  runs")
-    for name, values in seconds.items():
-        print(f"{name:<52} {statistics.median(values):>9.2f}  {' '.join(f'{v:.2f}' for v in values)}")
+    print_medians("step", seconds)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

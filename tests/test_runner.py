@@ -281,7 +281,7 @@ def test_esm2_load_waits_for_the_kernel_preload_before_building(demo, monkeypatc
 def test_a_failing_kernel_preload_is_left_for_the_main_thread(monkeypatch):
     """The preload thread swallows its error: the main thread's own attempt raises and reports it."""
     import virnuc_ds.embed.esm2_kernels as kernels
-    from virnuc_ds.pipeline.embed_part import _preload_kernels
+    from virnuc_ds.pipeline.embed_part import _load_kernel_op
 
     calls = []
 
@@ -290,4 +290,4 @@ def test_a_failing_kernel_preload_is_left_for_the_main_thread(monkeypatch):
         raise kernels.KernelUnavailableError("no nvcc")
 
     monkeypatch.setattr(kernels, "prebuild_inference_op", broken)
-    assert _preload_kernels(torch.device("cpu")) is None and calls == ["build"]
+    assert _load_kernel_op(torch.device("cpu")) is None and calls == ["build"]

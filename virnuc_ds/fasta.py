@@ -66,7 +66,7 @@ def read_fasta(
     Checks: the first non-blank line is a header; no duplicate ids (optional); no empty sequence
     (optional); nucleotide letters only (optional); at least one record (optional).
     """
-    seen = _IdHashes() if check_duplicates else None
+    seen = IdHashes() if check_duplicates else None
     count = 0
     header: str | None = None
     parts: list[str] = []
@@ -194,7 +194,7 @@ def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tu
     return records
 
 
-class _IdHashes:
+class IdHashes:
     """Record ids seen so far, as 8-byte hashes: a million reads cost 8 MB, not a set of strings.
 
     Duplicates are looked for when the file ends (outputs are written atomically, so nothing is
@@ -222,7 +222,7 @@ class _IdHashes:
         return bool(self.repeated())
 
 
-def check_unique_ids(path, seen: _IdHashes) -> None:
+def check_unique_ids(path, seen: IdHashes) -> None:
     """Raise read_fasta's InputError if ids collected with seen.add/extend repeat."""
     if seen.has_duplicates():
         raise InputError(path, "duplicate record id", record=_first_duplicate_id(path))
@@ -230,7 +230,7 @@ def check_unique_ids(path, seen: _IdHashes) -> None:
 
 def _first_duplicate_id(path) -> str | None:
     counts: dict[int, list[str]] = {}
-    hashes = _IdHashes()
+    hashes = IdHashes()
     for rec in read_fasta(path, check_duplicates=False):
         hashes.add(rec.id)
     repeated = hashes.repeated()

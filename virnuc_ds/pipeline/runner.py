@@ -123,8 +123,9 @@ def _models_and_numerics(cfg: Config, device: torch.device) -> tuple[Path, Path,
     return esm2_path, dnabert_path, resolve_dtype(cfg.esm2.dtype, device), resolve_dtype(cfg.dnabert_s.dtype, device), kernel_inject
 
 
-def _load_models(cfg: Config, device: torch.device, timings: dict):
-    esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = _models_and_numerics(cfg, device)
+def _load_models(cfg: Config, device: torch.device, timings: dict, models: tuple):
+    """The embedders; models: what _models_and_numerics resolved."""
+    esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = models
     t0 = time.time()
     loaded = load_embedders(cfg, esm2_path, dnabert_path, device, esm_dtype, dna_dtype, kernel_inject, timings)
     timings["model_load"] = time.time() - t0
@@ -142,7 +143,7 @@ def _load_models_early(cfg: Config, args, placement, timings: dict) -> concurren
     try:
         if not (args.force or not (Path(args.output_dir) / MANIFEST).exists()):
             return None
-        _models_and_numerics(cfg, placement.device)  # a missing model is reported in order, below
+        models = _models_and_numerics(cfg, placement.device)  # a missing model is reported in order, below
     except (OSError, VirnucError):  # reported in order below (an unusable output folder, a missing model)
         return None
     future: concurrent.futures.Future = concurrent.futures.Future()
@@ -151,7 +152,7 @@ def _load_models_early(cfg: Config, args, placement, timings: dict) -> concurren
         try:
             if placement.device.type == "cuda":
                 torch.cuda.set_device(placement.device)  # the current device is per thread: never GPU 0 by default
-            future.set_result(_load_models(cfg, placement.device, timings))
+            future.set_result(_load_models(cfg, placement.device, timings, models))
         except BaseException as exc:  # noqa: BLE001 - raised where the rank waits for the models
             future.set_exception(exc)
 
@@ -177,7 +178,8 @@ def run(args) -> int:
             raise InputError(input_path, "file not found")
         ensure_writable_dir(out)
 
-        esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = _models_and_numerics(cfg, ctx.device)
+        models = _models_and_numerics(cfg, ctx.device)
+        esm2_path, dnabert_path, esm_dtype, dna_dtype, kernel_inject = models
         dtypes = {"esm2": str(esm_dtype), "dnabert_s": str(dna_dtype), "device": ctx.device.type, "kernels": kernel_inject}
         if ctx.is_main:
             log.info(
@@ -193,7 +195,7 @@ def run(args) -> int:
                 loaded = early_models.result()
                 timings["model_load_wait"] = time.time() - t_wait
                 return loaded
-            return _load_models(cfg, ctx.device, timings)
+            return _load_models(cfg, ctx.device, timings, models)
 
         # 1. the output folder: fingerprint check (rank 0), shared with every rank
         check = ctx.on_main(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, ensure_writable_dir
 from ..errors import InputError
-from ..fasta import BlockRejected, _IdHashes, check_unique_ids, parse_fasta_block, read_fasta, record_blocks
+from ..fasta import BlockRejected, IdHashes, check_unique_ids, parse_fasta_block, read_fasta, record_blocks
 from .chunking import chunk_sequence
 from .frames import translate_chunks
 
@@ -72,7 +72,7 @@ def _input_blocks(path: Path, block_bytes: int, chunk_length: int):
 def _settle(in_flight: collections.deque, timeout_s: float = 60.0) -> None:
     """Wait (a bounded time) for the blocks still in the pool before it is terminated: a
     multiprocessing Pool terminated with tasks in flight can deadlock (its task handler stuck on the
-    queue's lock; seen in about 1 of 30 bad inputs on 2 cores)."""
+    queue's lock: CI hung so once; tests/test_fasta_blocks.py repeats the case)."""
     deadline = time.monotonic() + timeout_s
     for result in in_flight:
         result.wait(max(0.0, deadline - time.monotonic()))
@@ -115,7 +115,7 @@ def prepare(
 
     workers = workers or default_workers()
     stats = PrepareStats()
-    ids = _IdHashes()  # duplicate record ids, checked across blocks at the end
+    ids = IdHashes()  # duplicate record ids, checked across blocks at the end
     blocks = _input_blocks(input_fasta, block_bytes, expected_length)
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(atomic_path(out / name)) for name in (CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA)]
