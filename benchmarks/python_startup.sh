@@ -3,8 +3,9 @@
 # DeepSpeed's launcher imports deepspeed (and torch) twice before a rank starts, and the rank imports
 # torch again. This measures, three times each, in fresh interpreters:
 #   - `import torch`, `import deepspeed`, and `deepspeed --help` (the launcher's own start-up)
-#   - the same with PYTHONPYCACHEPREFIX pointing at a writable folder, in case the node's
-#     site-packages holds no bytecode caches (then every import compiles every module again)
+#   - the same with PYTHONPYCACHEPREFIX pointing at a writable folder and bytecode writing on, in
+#     case the node's site-packages holds no bytecode caches (then every import compiles every
+#     module again)
 #   - whether bytecode writing is off, whether torch's folders hold __pycache__ and are writable
 #   - `python3 -X importtime -c "import deepspeed"`: the modules with the largest cumulative times
 # Prints a short table last; the raw output goes to $OUT/python_startup.txt.
@@ -63,8 +64,10 @@ measure "python3 -c pass" python3 -c pass
 measure "import torch" python3 -c "import torch"
 measure "import deepspeed" python3 -c "import deepspeed"
 measure "deepspeed --help" deepspeed --help
+# the node's image may set PYTHONDONTWRITEBYTECODE=1: caches are then read but never written
 export PYTHONPYCACHEPREFIX=/tmp/virnuc_pycache
-echo "populating the cache prefix: $(seconds python3 -c 'import deepspeed') s"
+unset PYTHONDONTWRITEBYTECODE
+echo "populating the cache prefix: $(seconds python3 -c 'import deepspeed') s, $(seconds deepspeed --help) s"
 measure "import torch, cache prefix" python3 -c "import torch"
 measure "import deepspeed, cache prefix" python3 -c "import deepspeed"
 measure "deepspeed --help, cache prefix" deepspeed --help
