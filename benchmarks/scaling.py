@@ -427,8 +427,11 @@ def main() -> None:
         "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version(),
         "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "command": " ".join(sys.argv),
         "cpus": len(os.sched_getaffinity(0)),
-        # settings the ranks read from the environment (e.g. VIRNUC_DS_PRELOAD_KERNELS)
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VIRNUC_DS_") and k != "VIRNUC_DS_COMMIT"},
+        # settings the ranks read from the environment (e.g. VIRNUC_DS_PRELOAD_KERNELS), and where
+        # Python's bytecode caches are (the start-ups' cost depends on them)
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if (k.startswith("VIRNUC_DS_") and k != "VIRNUC_DS_COMMIT")
+                        or k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")},
     }
     records, raw = [], {}
     for w, workload in enumerate(workloads):

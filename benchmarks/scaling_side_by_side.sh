@@ -37,6 +37,16 @@ N2_WORKLOADS=${N2_WORKLOADS:-}
 N4_WORKLOADS=${N4_WORKLOADS:-contigs500 reads150}
 N_LARGE=${N_LARGE:-4}
 RESULTS=$WORK/results
+# Bytecode caches. The lent GPU node's image sets PYTHONDONTWRITEBYTECODE=1 and its torch has no
+# __pycache__, so every Python start-up compiled torch again: the launcher's two processes and each
+# rank, 3-4 s each (results/python_startup_h200/: import deepspeed 5.4-6.4 s, 2.2 s with caches). A
+# pip install on a cluster writes them; here Python writes them under $WORK and setup compiles the
+# packages a run imports before any timed run (PYCACHE=0: the node as it comes). Each run records both
+# variables in its `environment`.
+if [ "${PYCACHE:-1}" != 0 ]; then
+    export PYTHONPYCACHEPREFIX=$WORK/pycache
+    unset PYTHONDONTWRITEBYTECODE
+fi
 mkdir -p "$OUT" "$RESULTS"
 cores=$(nproc)
 node_gpus=4
@@ -53,7 +63,28 @@ pin() {
 }
 scaling() { python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" "$@"; }
 
+# the bytecode of every package a run imports (the launcher's and the ranks'), as pip would have
+# compiled it at install time; a few seconds on a node's cores, once per machine
+compile_bytecode() {
+    [ "${PYCACHE:-1}" != 0 ] || return 0
+    [ -f "$WORK/pycache.done" ] && return 0
+    local dirs
+    # every package the launcher's and a rank's entry modules import, whole (a rank imports more of
+    # them later: the first timed run must not compile what later runs find cached)
+    mapfile -t dirs < <(python3 -c "
+import sys
+import deepspeed.launcher.launch, deepspeed.launcher.runner, esm, virnuc_ds.pipeline.runner, virnuc_ds.embed.esm2_kernels
+for name, module in sorted(sys.modules.items()):   # with a cache prefix, the standard library's too
+    if '.' not in name and getattr(module, '__path__', None):
+        print(list(module.__path__)[0])
+    elif '.' not in name and (getattr(module, '__file__', None) or '').endswith('.py'):
+        print(module.__file__)")
+    /usr/bin/time -f "compileall: %e s" python3 -m compileall -q -j 0 "${dirs[@]}" > "$RESULTS/compileall.log" 2>&1 || true
+    touch "$WORK/pycache.done"
+}
+
 setup() {
+    compile_bytecode
     # the op builds (~50 s, CPU) while the models are written (GPU)
     python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 &
     scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"

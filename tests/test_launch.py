@@ -502,3 +502,37 @@ def test_build_ops_without_a_gpu_has_nothing_to_build(capsys):
 
     assert main(["build-ops"]) == 0
     assert "nothing to build" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# The start-up hint: bytecode caches off and none shipped
+# ------------------------------------------------------------------------------------------------
+
+BYTECODE_CHECK = "import sys; from virnuc_ds.launcher import missing_bytecode_caches as m; print(m(sys.argv[1]))"
+
+
+@pytest.mark.parametrize("cached, no_write, prefix, expected", [
+    (False, True, False, "True"),    # the GPU node's image: nothing cached, nothing written
+    (True, True, False, "False"),    # caches shipped beside the sources
+    (False, False, False, "False"),  # Python writes them on the first import
+    (False, True, True, "False"),    # PYTHONPYCACHEPREFIX holds them
+])
+def test_missing_bytecode_caches(tmp_path, cached, no_write, prefix, expected):
+    pkg = tmp_path / "site" / "slowpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(ROOT)])
+    if prefix:
+        env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    if cached or prefix:  # compile as pip does at install time, into wherever the caches go
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(pkg)], env=env, check=True)
+    if no_write:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    out = subprocess.run([sys.executable, "-c", BYTECODE_CHECK, "slowpkg"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+    assert not (pkg / "__pycache__").exists() or cached  # the check imports nothing
+
+
+def test_the_bytecode_hint_says_what_to_do():
+    assert "PYTHONPYCACHEPREFIX" in launcher.BYTECODE_HINT and "compileall" in launcher.BYTECODE_HINT

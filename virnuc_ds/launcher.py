@@ -193,6 +193,31 @@ def run_launcher(cmd: list[str]) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def missing_bytecode_caches(package: str = "torch") -> bool:
+    """True when Python writes no bytecode caches (PYTHONDONTWRITEBYTECODE) and `package` has none.
+
+    Then every Python process compiles the package's modules again on import: the launcher's two and
+    each rank. On the lent H200 node (whose image sets PYTHONDONTWRITEBYTECODE=1 and ships torch with
+    no caches) `import deepspeed` took 5.4-6.4 s, and 2.2 s with caches
+    (benchmarks/results/python_startup_h200/). Finds the package without importing it."""
+    if not sys.flags.dont_write_bytecode:
+        return False
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return False
+    return not os.path.exists(importlib.util.cache_from_source(spec.origin))
+
+
+BYTECODE_HINT = (
+    "Python writes no bytecode caches here (PYTHONDONTWRITEBYTECODE is set) and torch has none, so each "
+    "launcher process and rank compiles torch again at start-up (3-4 s each on an H200 node). Once per "
+    "environment: `python -m compileall -q <site-packages>`, or set PYTHONPYCACHEPREFIX to a writable "
+    "folder and unset PYTHONDONTWRITEBYTECODE (README, Troubleshooting)."
+)
+
+
 def maybe_relaunch(args, argv: list[str] | None = None) -> int | None:
     """Run under the DeepSpeed launcher when several GPUs are asked for or visible.
 

@@ -29,6 +29,7 @@ import torch
 from ..atomic import ensure_writable_dir, remove_stale_temporaries
 from ..config import Config, load_config
 from ..errors import InputError, InterruptedRun, VirnucError
+from ..launcher import BYTECODE_HINT, missing_bytecode_caches
 from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA
 from ..progress import ProgressReporter
 from ..run import PREP_DIR
@@ -188,6 +189,8 @@ def run(args) -> int:
                 dtypes["esm2"], dtypes["dnabert_s"],
                 "" if kernel_inject or not cfg.esm2.replace_with_kernel_inject else " (kernel injection needs a GPU: eager on CPU)",
             )
+            if missing_bytecode_caches():
+                log.warning(BYTECODE_HINT)
 
         def load_models():
             if early_models is not None:
