@@ -236,6 +236,17 @@ def test_prepare_reports_how_far_it_got(tmp_path, monkeypatch, caplog):
     assert "prepare: " in caplog.text and " frames so far" in caplog.text
 
 
+def test_rank_0_warns_when_every_start_compiles_torch(demo, tmp_path, monkeypatch, capsys):
+    from virnuc_ds.pipeline import runner
+
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\n" + "ATG" * 120 + "\n")
+    for missing in (False, True):
+        monkeypatch.setattr(runner, "missing_bytecode_caches", lambda missing=missing: missing)
+        assert run_cli(demo, tmp_path / f"out_{missing}", input_path=fasta) == 0
+        assert ("no bytecode caches" in capsys.readouterr().err) == missing
+
+
 def test_model_load_shortens_the_gil_switch_interval_and_restores_it():
     from virnuc_ds.pipeline.embed_part import LOAD_SWITCH_INTERVAL_S, gil_switch_interval
 
