@@ -12,7 +12,7 @@
 #
 #   bash benchmarks/python_startup.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/startup_out}
 mkdir -p "$OUT"
 RAW=$OUT/python_startup.txt

@@ -15,8 +15,11 @@
 #                                                    # of every run so far
 #   CONTIGS_S=30 bash benchmarks/scaling_side_by_side.sh probe   # fixed costs on a small sample:
 #                                                    # import times; N=4 (or every GPU of a smaller machine)
-#                                                    # x4 with VIRNUC_DS_PRELOAD_KERNELS off/on/off/on,
+#                                                    # x4, settings A/B/A/B (PROBE_A, PROBE_B: `env`
+#                                                    # arguments; default VIRNUC_DS_PRELOAD_KERNELS=0 / =1),
 #                                                    # every rank's start-up and load steps
+#   PROBE_A="-u PYTHONPYCACHEPREFIX PYTHONDONTWRITEBYTECODE=1" PROBE_B="" ... probe   # bytecode caches
+#                                                    # off (the node as it comes) / on
 #
 # Every job gets its GPUs' share of the node's cores, as the device kinds are provisioned (16 cores
 # per GPU: nvidia-h200 1 GPU, 16 cores; -x4 4 GPUs, 64 cores): a job on GPUs k..k+n-1 is pinned
@@ -133,8 +136,8 @@ setup)
 probe)
     pack_on_term probe
     # fixed costs on a small sample: import times of the launch chain, then N=4 (every GPU on a
-    # machine of fewer) four times, alternating VIRNUC_DS_PRELOAD_KERNELS=0/1 (DeepSpeed imported
-    # beside the weight load or after it), with every rank's start-up and load steps; tests/gpu
+    # machine of fewer) four times, alternating settings A and B (by default VIRNUC_DS_PRELOAD_KERNELS=0/1:
+    # DeepSpeed imported beside the weight load or after it), with every rank's start-up and load steps; tests/gpu
     # beside the setup on a machine of 4 GPUs
     gpus=4
     if [ -z "${TINY:-}" ]; then gpus=$(nvidia-smi -L | wc -l); fi
@@ -156,31 +159,38 @@ probe)
     scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
     wait
     port=29600
-    for name in p4_off_a p4_on_a p4_off_b p4_on_b; do
-        preload=0
-        [ "${name:3:2}" = "on" ] && preload=1
+    # four runs alternating settings A and B (`env` arguments; default: the kernel preload off/on)
+    read -r -a setting_a <<< "${PROBE_A-VIRNUC_DS_PRELOAD_KERNELS=0}"
+    read -r -a setting_b <<< "${PROBE_B-VIRNUC_DS_PRELOAD_KERNELS=1}"
+    for name in p_a1 p_b1 p_a2 p_b2; do
+        if [ "${name:2:1}" = a ]; then setting=("${setting_a[@]}"); else setting=("${setting_b[@]}"); fi
+        echo "$name: env ${setting[*]}" >> "$RESULTS/probe_settings.txt"
         # shellcheck disable=SC2046
-        VIRNUC_DS_PRELOAD_KERNELS=$preload $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
+        env "${setting[@]}" $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
             --gpus "$gpus" --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
             || tail -n 20 "$RESULTS/$name.log"
         port=$((port + 20))
     done
-    cat "$RESULTS/import_seconds.txt"
+    cat "$RESULTS/import_seconds.txt" "$RESULTS/probe_settings.txt"
     tail -n 3 "$RESULTS/gpu_pytest.txt" 2> /dev/null || true
     python3 - "$RESULTS" <<'PY' || true
 import json, sys
 from pathlib import Path
-print("run        e2e    ready  per rank: model_load weights embedder kernels (op import+load) kernels_wait (preloaded)")
-for name in ("p4_off_a", "p4_on_a", "p4_off_b", "p4_on_b"):
+print("run    e2e   launcher->ranks  imports  ready  after-exit  per rank: model_load weights embedder kernels (op import+load) kernels_wait (preloaded)")
+for name in ("p_a1", "p_b1", "p_a2", "p_b2"):
     f = Path(sys.argv[1]) / name / "scaling_raw.json"
     if not f.exists():
         print(name, "missing"); continue
     res = next(iter(json.loads(f.read_text()).values()))
+    rec = json.loads((Path(sys.argv[1]) / name / "scaling_summary.json").read_text())[0]
+    events = rec.get("launcher_events", {})
     ranks = res["report"]["ranks"]
     steps = lambda k: " ".join("%.2f" % r.get(k, 0.0) for r in ranks)
-    print("%-9s %6.1f %6.2f  load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (
-        name, res["wall"], max(r.get("ready", 0.0) for r in ranks), steps("model_load"), steps("load_esm2_weights"),
-        steps("load_esm2_embedder"), steps("load_kernels"), steps("load_kernels_wait")))
+    print("%-5s %6.1f %8.2f %12.2f %7.2f %8.2f   load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (
+        name, res["wall"], events.get("launch_py_spawns_ranks", float("nan")), max(r.get("imports", 0.0) for r in ranks),
+        max(r.get("ready", 0.0) for r in ranks), res["wall"] - events.get("last_rank_exit_seen", float("nan")),
+        steps("model_load"), steps("load_esm2_weights"), steps("load_esm2_embedder"), steps("load_kernels"),
+        steps("load_kernels_wait")))
 PY
     pack probe
     ;;
