@@ -142,6 +142,7 @@ probe)
     gpus=4
     if [ -z "${TINY:-}" ]; then gpus=$(nvidia-smi -L | wc -l); fi
     if [ "$gpus" -gt 4 ]; then gpus=4; fi
+    compile_bytecode
     if [ "$gpus" -ge 4 ]; then gpu_tests 3 & fi
     for mod in torch deepspeed deepspeed.launcher.runner; do
         python3 -c "import $mod" 2> /dev/null   # warm the page cache
