@@ -78,9 +78,11 @@ compile_bytecode() {
 import sys
 import deepspeed.launcher.launch, deepspeed.launcher.runner, esm, virnuc_ds.pipeline.runner, virnuc_ds.embed.esm2_kernels
 for name, module in sorted(sys.modules.items()):   # with a cache prefix, the standard library's too
-    if '.' not in name and getattr(module, '__path__', None):
+    if '.' in name:
+        continue
+    if getattr(module, '__path__', None):
         print(list(module.__path__)[0])
-    elif '.' not in name and (getattr(module, '__file__', None) or '').endswith('.py'):
+    elif (getattr(module, '__file__', None) or '').endswith('.py'):
         print(module.__file__)")
     /usr/bin/time -f "compileall: %e s" python3 -m compileall -q -j 0 "${dirs[@]}" > "$RESULTS/compileall.log" 2>&1 || true
     touch "$WORK/pycache.done"
@@ -183,8 +185,7 @@ for name in ("p_a1", "p_b1", "p_a2", "p_b2"):
     if not f.exists():
         print(name, "missing"); continue
     res = next(iter(json.loads(f.read_text()).values()))
-    rec = json.loads((Path(sys.argv[1]) / name / "scaling_summary.json").read_text())[0]
-    events = rec.get("launcher_events", {})
+    events = res.get("launcher_events", {})
     ranks = res["report"]["ranks"]
     steps = lambda k: " ".join("%.2f" % r.get(k, 0.0) for r in ranks)
     print("%-5s %6.1f %8.2f %12.2f %7.2f %8.2f   load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (

@@ -532,7 +532,3 @@ def test_missing_bytecode_caches(tmp_path, cached, no_write, prefix, expected):
     out = subprocess.run([sys.executable, "-c", BYTECODE_CHECK, "slowpkg"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
     assert not (pkg / "__pycache__").exists() or cached  # the check imports nothing
-
-
-def test_the_bytecode_hint_says_what_to_do():
-    assert "PYTHONPYCACHEPREFIX" in launcher.BYTECODE_HINT and "compileall" in launcher.BYTECODE_HINT
