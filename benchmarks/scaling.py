@@ -394,6 +394,8 @@ def main() -> None:
         return
     import torch
 
+    from virnuc_ds.config import Esm2Config
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,6 +429,7 @@ def main() -> None:
         "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version(),
         "kernel_build_seconds_once": build_s, "model_write_seconds": models_s, "command": " ".join(sys.argv),
         "cpus": len(os.sched_getaffinity(0)),
+        "esm2_attention": args.attention or Esm2Config.attention,
         # settings the ranks read from the environment (e.g. VIRNUC_DS_PRELOAD_KERNELS), and where
         # Python's bytecode caches are (the start-ups' cost depends on them)
         "environment": {k: v for k, v in sorted(os.environ.items())

@@ -20,6 +20,9 @@
 #                                                    # every rank's start-up and load steps
 #   PROBE_A="-u PYTHONPYCACHEPREFIX PYTHONDONTWRITEBYTECODE=1" PROBE_B="" ... probe   # bytecode caches
 #                                                    # off (the node as it comes) / on
+#   PROBE_A= PROBE_B= PROBE_A_ARGS="--attention deepspeed" PROBE_B_ARGS="--attention sdpa" \
+#     PROBE_WORKLOADS="contigs500 reads150" PROBE_RUNS="a1 b1" ... probe   # scaling.py arguments per
+#                                                    # setting, on each workload (READS_S sizes reads150)
 #
 # Every job gets its GPUs' share of the node's cores, as the device kinds are provisioned (16 cores
 # per GPU: nvidia-h200 1 GPU, 16 cores; -x4 4 GPUs, 64 cores): a job on GPUs k..k+n-1 is pinned
@@ -159,38 +162,55 @@ probe)
     python3 -X importtime -c "import deepspeed" 2> "$RESULTS/importtime_deepspeed.txt" || true
     python3 -X importtime -m virnuc_ds.run --help > /dev/null 2> "$RESULTS/importtime_rank.txt" || true
     python3 -c "from virnuc_ds.embed.esm2_kernels import prebuild_inference_op as b; b()" > "$RESULTS/opbuild.log" 2>&1 || true
-    scaling --setup-only --workload contigs500 --esm-seconds "$CONTIGS_S" --out "$RESULTS/setup_contigs500"
+    read -r -a workloads <<< "${PROBE_WORKLOADS:-contigs500}"
+    for workload in "${workloads[@]}"; do
+        seconds=$CONTIGS_S
+        [ "$workload" = reads150 ] && seconds=$READS_S
+        scaling --setup-only --workload "$workload" --esm-seconds "$seconds" --out "$RESULTS/setup_$workload"
+    done
     wait
     port=29600
-    # four runs alternating settings A and B (`env` arguments; default: the kernel preload off/on)
+    # runs alternating settings A and B (`env` arguments, default the kernel preload off/on; and
+    # scaling.py arguments, default none), on each workload in turn
     read -r -a setting_a <<< "${PROBE_A-VIRNUC_DS_PRELOAD_KERNELS=0}"
     read -r -a setting_b <<< "${PROBE_B-VIRNUC_DS_PRELOAD_KERNELS=1}"
-    for name in p_a1 p_b1 p_a2 p_b2; do
-        if [ "${name:2:1}" = a ]; then setting=("${setting_a[@]}"); else setting=("${setting_b[@]}"); fi
-        echo "$name: env ${setting[*]}" >> "$RESULTS/probe_settings.txt"
-        # shellcheck disable=SC2046
-        env "${setting[@]}" $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
-            --gpus "$gpus" --workload contigs500 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 \
-            || tail -n 20 "$RESULTS/$name.log"
-        port=$((port + 20))
+    read -r -a args_a <<< "${PROBE_A_ARGS:-}"
+    read -r -a args_b <<< "${PROBE_B_ARGS:-}"
+    names=()
+    for workload in "${workloads[@]}"; do
+        for run in ${PROBE_RUNS:-a1 b1 a2 b2}; do
+            name=p_$run
+            [ "${#workloads[@]}" -gt 1 ] && name=p_${run}_$workload
+            names+=("$name")
+            if [ "${run:0:1}" = a ]; then setting=("${setting_a[@]}") args=("${args_a[@]}")
+            else setting=("${setting_b[@]}") args=("${args_b[@]}"); fi
+            echo "$name: env ${setting[*]}; scaling.py ${args[*]}" >> "$RESULTS/probe_settings.txt"
+            # shellcheck disable=SC2046
+            env "${setting[@]}" $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
+                --gpus "$gpus" --workload "$workload" --port $port "${args[@]}" --out "$RESULTS/$name" \
+                > "$RESULTS/$name.log" 2>&1 || tail -n 20 "$RESULTS/$name.log"
+            port=$((port + 20))
+        done
     done
     cat "$RESULTS/import_seconds.txt" "$RESULTS/probe_settings.txt"
     tail -n 3 "$RESULTS/gpu_pytest.txt" 2> /dev/null || true
-    python3 - "$RESULTS" <<'PY' || true
+    python3 - "$RESULTS" "${names[@]}" <<'PY' || true
 import json, sys
 from pathlib import Path
-print("run    e2e   launcher->ranks  imports  ready  after-exit  per rank: model_load weights embedder kernels (op import+load) kernels_wait (preloaded)")
-for name in ("p_a1", "p_b1", "p_a2", "p_b2"):
-    f = Path(sys.argv[1]) / name / "scaling_raw.json"
-    if not f.exists():
+print("run    e2e   launcher->ranks  imports  ready  after-exit  GPU-stage  ESM-2 tok/s  per rank: model_load weights embedder kernels (op import+load) kernels_wait (preloaded)")
+for name in sys.argv[2:]:
+    folder = Path(sys.argv[1]) / name
+    if not (folder / "scaling_raw.json").exists():
         print(name, "missing"); continue
-    res = next(iter(json.loads(f.read_text()).values()))
+    res = next(iter(json.loads((folder / "scaling_raw.json").read_text()).values()))
+    rec = json.loads((folder / "scaling_summary.json").read_text())[0]
     events = res.get("launcher_events", {})
     ranks = res["report"]["ranks"]
     steps = lambda k: " ".join("%.2f" % r.get(k, 0.0) for r in ranks)
-    print("%-5s %6.1f %8.2f %12.2f %7.2f %8.2f   load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (
+    print("%-5s %6.1f %8.2f %12.2f %7.2f %8.2f %9.2f %10.0f   load [%s] weights [%s] embedder [%s] kernels [%s] wait [%s]" % (
         name, res["wall"], events.get("launch_py_spawns_ranks", float("nan")), max(r.get("imports", 0.0) for r in ranks),
         max(r.get("ready", 0.0) for r in ranks), res["wall"] - events.get("last_rank_exit_seen", float("nan")),
+        rec["gpu_stage_wall_seconds"], rec["esm2_tokens_per_s"],
         steps("model_load"), steps("load_esm2_weights"), steps("load_esm2_embedder"), steps("load_kernels"),
         steps("load_kernels_wait")))
 PY
