@@ -116,3 +116,41 @@ def test_writable_probe_does_not_collide_with_another_process(tmp_path):
     out = tmp_path / "shared"
     (out / f".write-test-{os.getpid()}").mkdir(parents=True)  # another node's rank, same pid, mid-probe
     assert ensure_writable_dir(out) == out
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--esm-batch-tokens", "-5", "argument --esm-batch-tokens: must be at least 1024, got -5"),
+    ("--dnabert-batch-tokens", "100", "argument --dnabert-batch-tokens: must be at least 1024, got 100"),
+    ("--esm-batch-tokens", "lots", "argument --esm-batch-tokens: not a whole number: 'lots'"),
+    ("-m", "400", "argument -m/--expected-length: invalid choice: 400"),
+])
+def test_a_bad_command_line_exits_1_before_any_work(tmp_path, capsys, flag, value, expected):
+    # exit code 2 means "incomplete result": a wrapper script must not read a typo as that
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "-i", str(tmp_path / "in.fa"), "-m", "500", "-o", str(tmp_path / "out"), flag, value])
+    assert stop.value.code == 1
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_names_the_config_folder_it_was_looked_for_in(demo, tmp_path, capsys):
+    from conftest import SAMPLE
+
+    import yaml
+
+    config = tmp_path / "cfg" / "run.yaml"
+    config.parent.mkdir()
+    settings = yaml.safe_load(demo["config"].read_text())
+    settings["models"] = {"esm2": "esm2_missing.pt", "dnabert_s": str(demo["dnabert_s"]), "classifier": str(demo["classifier"])}
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["run", "-c", str(config), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"looked in: {config.parent / 'esm2_missing.pt'}, " in err
+    assert not (tmp_path / "out" / "run_manifest.json").exists()
+
+
+def test_an_output_folder_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "in.fa").write_text(GOOD)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["prepare", "-i", str(tmp_path / "in.fa"), "-m", "300", "-o", str(tmp_path / "taken")]) == 1
+    assert capsys.readouterr().err.strip() == f"virnuc-ds: error: {tmp_path / 'taken'}: is a file, not a folder: name a folder to write into"

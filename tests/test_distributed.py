@@ -40,3 +40,20 @@ def test_process_group_backend():
     assert process_group_backend("nccl", True, 4, 4) == "nccl"
     assert process_group_backend("gloo", True, 8, 4) == "gloo"
     assert process_group_backend("nccl", False, 4, 4) == "gloo"  # CPU ranks
+
+
+def test_the_end_barrier_times_out_after_run_collective_timeout_minutes(monkeypatch):
+    """gloo's monitored barrier is given the configured timeout: its own default (30 min) is not the
+    process group's on every torch version."""
+    import datetime
+
+    from virnuc_ds.pipeline import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(distributed.dist, "monitored_barrier", lambda **kwargs: seen.update(kwargs))
+    one = distributed.RankPlacement(0, 1, 0, 1, None, torch.device("cpu"))
+    ctx = distributed.join_ranks(one, timeout_minutes=7)
+    ctx.distributed = True  # as in a run of several ranks (no process group is needed to see the call)
+    ctx.barrier("embeddings done")
+    assert seen == {"timeout": datetime.timedelta(minutes=7), "wait_all_ranks": True}

@@ -71,6 +71,17 @@ def test_parts_merged_as_they_land_equal_a_merge_at_the_end(demo, one_rank, tmp_
     assert not list(out.glob(".*.tmp"))
 
 
+def test_the_background_merge_s_own_error_reaches_rank_0(tmp_path):
+    """The merge process fails and ends before rank 0 says stop: its error, waiting in the pipe, is
+    what rank 0 reports (not "ended without a result", then the whole merge again in-process)."""
+    from virnuc_ds.errors import VirnucError
+
+    merger = BackgroundMerge(tmp_path / "o", tmp_path / "o" / "no_prep", "f", {}, None, "cpu", threads=1)
+    merger.process.join()  # it failed at once: the prepared frames are not there
+    with pytest.raises(VirnucError, match="merging the parts failed: .*no_prep"):
+        merger.finish()
+
+
 def test_a_part_rewritten_during_the_merge_replaces_its_rows(demo, one_rank, tmp_path):
     out = _copy_without_results(one_rank, tmp_path / "o")
     ids = read_frame_ids(out / "prep")

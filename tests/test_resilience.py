@@ -71,6 +71,22 @@ def test_sigterm_keeps_finished_parts_exits_3_and_resumes(demo, one_rank, tmp_pa
     assert_same_results(one_rank, out)
 
 
+def test_ctrl_c_reaching_every_process_stops_the_run_with_exit_3_and_no_traceback(demo, one_rank, tmp_path):
+    # a terminal's Ctrl-C goes to the whole foreground group: the rank, prepare's process and its pool.
+    # Prepare sends it (a test hook) to its own group, here a session of its own; the helpers ignore
+    # it, prepare finishes, and the rank stops before its first part.
+    out = tmp_path / "ctrl_c"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VIRNUC_DS_TEST_SIGNAL_GROUP_IN_PREPARE="INT")
+    cmd = [sys.executable, "-m", "virnuc_ds.run", "-c", str(demo["config"]), "-i", str(SAMPLE), "-m", "500", "-o", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "stopped by SIGINT" in proc.stderr
+    assert n_parts(out) == 0 and not (out / "embeddings.h5").exists()
+    proc = run_rank(demo, out, {})
+    assert proc.returncode == 0 and "prepare: reusing" in proc.stderr, proc.stderr[-2000:]
+    assert_same_results(one_rank, out)
+
+
 def test_a_failing_record_is_listed_exit_2_and_rerun_retries_only_it(demo, one_rank, tmp_path):
     ids = read_embeddings(one_rank / "embeddings.h5").ids
     victim = ids[3]

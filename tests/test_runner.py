@@ -219,6 +219,35 @@ def test_a_killed_prepare_process_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out" / "prep" / "identified_protein.faa").exists()
 
 
+def test_the_prepare_process_ends_with_its_rank(tmp_path):
+    """A rank killed with SIGKILL during prepare: its prepare process must not live on and rename its
+    files into OUT/prep later, under a run started since (here it waits on a FIFO nobody writes)."""
+    import psutil
+
+    fifo = tmp_path / "input.fa"
+    os.mkfifo(fifo)
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from virnuc_ds.config import Config\n"
+        "from virnuc_ds.pipeline.prepare_stage import PrepareInBackground\n"
+        f"job = PrepareInBackground(Config(), Path({str(fifo)!r}), Path({str(tmp_path / 'out')!r}), {{'fingerprint': 'f', 'new_manifest': False}})\n"
+        "print(next(iter(job._pool._processes)), flush=True)\n"
+        f"while not os.path.isdir({str(tmp_path / 'out' / 'prep')!r}):  # prepare has started\n"
+        "    os.sched_yield()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    child = psutil.Process(int(proc.stdout.split()[0]))
+    try:
+        child.wait(timeout=60)  # it notices within a second or two; a stuck one fails here
+    except psutil.TimeoutExpired:
+        child.kill()
+        raise AssertionError("the prepare process outlived its rank")
+
+
 def test_prepare_reports_how_far_it_got(tmp_path, monkeypatch, caplog):
     import logging
 
@@ -305,3 +334,127 @@ def test_a_failing_kernel_preload_is_left_for_the_main_thread(monkeypatch):
 
     monkeypatch.setattr(kernels, "prebuild_inference_op", broken)
     assert _load_kernel_op(torch.device("cpu")) is None and calls == ["build"]
+
+
+def test_results_are_readable_as_the_users_umask_allows(one_rank):
+    # temporary files start owner-only (mkstemp); a result renamed from one must not stay so, or the
+    # colleagues sharing a project folder cannot read it
+    import stat
+
+    from virnuc_ds.atomic import FILE_MODE
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert FILE_MODE == 0o666 & ~umask
+    files = [p for p in one_rank.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    assert {p.relative_to(one_rank).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
+        {p.relative_to(one_rank).as_posix(): oct(FILE_MODE) for p in files}
+
+
+def test_the_same_models_at_another_path_resume_and_other_models_are_refused(demo, one_rank, tmp_path, capsys):
+    import yaml
+
+    from virnuc_ds.demo import write_demo_models
+    from virnuc_ds.pipeline.fingerprint import MANIFEST
+
+    out = tmp_path / "moved"
+    shutil.copytree(one_rank, out)
+    moved = shutil.copytree(demo["config"].parent, tmp_path / "scratch" / "models")  # e.g. a node's scratch disk
+    capsys.readouterr()
+    assert run_cli({"config": moved / demo["config"].name}, out) == 0
+    assert "0 to compute" in capsys.readouterr().err
+    facts = json.loads((out / MANIFEST).read_text())["facts"]
+    assert facts["esm2"]["path"] == str(moved / demo["esm2"].name)  # where they are now
+    # another ESM-2 of the same architecture, so of the same file size, is refused
+    other = write_demo_models(tmp_path / "other", seed=1)
+    assert other["esm2"].stat().st_size == demo["esm2"].stat().st_size
+    cfg = yaml.safe_load(demo["config"].read_text())
+    cfg["models"] = {"esm2": str(other["esm2"]), "dnabert_s": str(demo["dnabert_s"]), "classifier": str(demo["classifier"])}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_cli({"config": tmp_path / "other.yaml"}, out) == 1
+    assert "holds a run with another esm2;" in capsys.readouterr().err
+
+
+def test_force_leaves_nothing_of_the_earlier_run(demo, one_rank, tmp_path):
+    from virnuc_ds.plot import HISTOGRAM_PNG, PREDICTION_PNG
+
+    out = tmp_path / "forced"
+    shutil.copytree(one_rank, out)
+    for stale in (PREDICTION_PNG, HISTOGRAM_PNG, "progress/rank7.json"):  # `plot`'s figures, a 8-rank run's progress
+        (out / stale).parent.mkdir(exist_ok=True)
+        (out / stale).write_text("from an earlier run")
+    assert run_cli(demo, out, "--force") == 0
+    assert not (out / PREDICTION_PNG).exists() and not (out / HISTOGRAM_PNG).exists()
+    assert not (out / "progress" / "rank7.json").exists()
+
+
+def test_a_frame_with_a_non_finite_embedding_is_listed_as_failed(demo, one_rank, tmp_path, monkeypatch):
+    """An embedding that comes back NaN without an error (e.g. an fp16 overflow): the frame is listed
+    in failed_files.txt with exit code 2 and the rest completes, as for a frame that raised."""
+    from conftest import read_records
+    from virnuc_ds.pipeline import embed_part
+
+    victim, protein = read_records(one_rank / "prep" / "identified_protein.faa")[5]
+    embed = embed_part.embed_with_oom_retry
+
+    def overflowing(embedder, sequences, stage):
+        rows = embed(embedder, sequences, stage)
+        if stage == "esm2":
+            rows[[k for k, s in enumerate(sequences) if s == protein]] = np.inf
+        return rows
+
+    monkeypatch.setattr(embed_part, "embed_with_oom_retry", overflowing)
+    out = tmp_path / "overflow"
+    assert run_cli(demo, out) == 2
+    lines = (out / "failed_files.txt").read_text().splitlines()
+    assert lines == [f"{victim}|esm2|the embedding has NaN or Inf values (a dtype overflow? try esm2.dtype / "
+                     "dnabert_s.dtype: bf16 or fp32)"]
+    assert victim not in read_embeddings(out / "embeddings.h5").ids
+    monkeypatch.undo()
+    assert run_cli(demo, out) == 0  # the rerun retries it
+    assert read_embeddings(out / "embeddings.h5").ids == read_embeddings(one_rank / "embeddings.h5").ids
+
+
+def test_a_repeated_sigterm_still_lets_the_part_in_flight_finish_and_ctrl_c_stops_now():
+    # DeepSpeed's launcher sends SIGTERM to the ranks still running when the first rank stops with
+    # exit code 3: that must not cut their parts short
+    import signal
+
+    from virnuc_ds.errors import InterruptedRun
+    from virnuc_ds.pipeline.runner import StopFlag
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopFlag()
+        stop.check(0)  # nothing yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == "SIGTERM"
+        with pytest.raises(InterruptedRun, match="rank 0 stopped by SIGTERM"):
+            stop.check(0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_leaves_it_alone(demo, one_rank, tmp_path, capsys):
+    from virnuc_ds.pipeline.output_lock import OutputFolderLock
+
+    out = tmp_path / "busy"
+    shutil.copytree(one_rank, out)
+    running = OutputFolderLock(out)  # as a run in progress holds it
+    running.acquire()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    try:
+        capsys.readouterr()
+        assert run_cli(demo, out, "--force") == 1
+        err = capsys.readouterr().err.strip()
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and f"error: {out} is in use by another virnuc-ds run (pid {os.getpid()} on " in errors[0]
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # --force removed nothing
+    finally:
+        running.release()
+    assert run_cli(demo, out) == 0  # free again: the run resumes

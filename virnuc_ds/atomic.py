@@ -12,6 +12,18 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a result must get the modes any other file
+# written by this user gets (0o666 less the umask), so colleagues sharing a project folder can read
+# it. Read once, at import: os.umask can only be read by setting it, which is not thread-safe.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -52,7 +64,10 @@ def temporary_path(final: str | os.PathLike) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -78,6 +93,8 @@ def ensure_writable_dir(folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     try:
+        if folder.exists() and not folder.is_dir():
+            raise InputError(folder, "is a file, not a folder: name a folder to write into")
         folder.mkdir(parents=True, exist_ok=True)
         # a unique name: ranks on several nodes probe one shared folder at once, and their pids
         # can coincide (containers, PID namespaces); a shared name made one rank's unlink fail

@@ -1,7 +1,7 @@
 """`virnuc-ds` command line: one subcommand per pipeline stage, plus the whole run.
 
-Exit codes: 0 success, 1 failure (bad input, missing file, bad config), 2 partial or incomplete
-result, 3 stopped by a signal (finished work kept; rerun to resume).
+Exit codes: 0 success, 1 failure (bad input, missing file, bad config, bad command line), 2 partial
+or incomplete result, 3 stopped by a signal (finished work kept; rerun to resume).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .atomic import ensure_writable_dir
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, VirnucError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ArgumentParser, VirnucError
 from .version import __version__
 
 log = logging.getLogger("virnuc_ds")
@@ -66,7 +66,7 @@ def cmd_classify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="virnuc-ds",
         description="VirNucPro's embedding and prediction steps on DeepSpeed-Inference, on every GPU of a node.",
     )
@@ -123,8 +123,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    return reporting_errors(args.func, args)
+
+
+def reporting_errors(func, args) -> int:
+    """func(args)'s exit code; an error the user can act on becomes one line and its exit code."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except VirnucError as exc:
         print(f"virnuc-ds: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,13 +1,26 @@
 """Errors the command line turns into one-line messages and exit codes.
 
-Exit codes: 0 success, 1 failure (bad input, missing file, bad config), 2 partial or incomplete
-result (some frames failed or are missing; what is missing is named).
+Exit codes: 0 success, 1 failure (bad input, missing file, bad config, bad command line), 2 partial
+or incomplete result (some frames failed or are missing; what is missing is named), 3 stopped by a
+signal.
 """
+
+import argparse
+import signal
+import sys
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_PARTIAL = 2
 EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: finished work kept, rerun resumes
+
+
+def ignore_interrupts() -> None:
+    """In a helper process of a rank (prepare, the background merge): a terminal's Ctrl-C reaches
+    every process of the foreground group, and the rank alone decides what it means (stop after the
+    part in flight, or now). The helper's own pool inherits it: an ignored signal stays ignored in a
+    spawned interpreter."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class VirnucError(Exception):
@@ -54,3 +67,24 @@ class InterruptedRun(VirnucError):
     """The run was stopped by a signal; finished parts are kept and a rerun resumes."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors exiting 1, like any other bad input: argparse's own 2 would read
+    as "incomplete result" to a script that checks the exit code."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message}\n")
+
+
+def batch_tokens(text: str) -> int:
+    """argparse type of the token-budget flags: the config's rule (at least 1024)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1024, got {value}")
+    return value
+

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import VirnucError
+from .errors import ArgumentParser, VirnucError, batch_tokens
 
 log = logging.getLogger("virnuc_ds.launcher")
 
@@ -278,8 +278,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--device", default="auto",
                    help="auto (all visible GPUs, else CPU), cpu, cuda, cuda:N or N (default: auto)")
     p.add_argument("--gpus", help="comma-separated GPU ids, e.g. 0,1,2,3: one rank per GPU under the DeepSpeed launcher")
-    p.add_argument("--esm-batch-size", type=int, help="ESM-2 tokens per batch (esm2.toks_per_batch); lower it on out-of-memory")
-    p.add_argument("--dnabert-batch-size", type=int, help="DNABERT-S tokens per batch (dnabert_s.toks_per_batch)")
+    p.add_argument("--esm-batch-size", type=batch_tokens, help="ESM-2 tokens per batch (esm2.toks_per_batch); lower it on out-of-memory")
+    p.add_argument("--dnabert-batch-size", type=batch_tokens, help="DNABERT-S tokens per batch (dnabert_s.toks_per_batch)")
     p.add_argument("--resume", action="store_true",
                    help="resume from the finished parts in the output folder; this is always done, the flag is accepted for scripts")
     p.add_argument("-f", "--force", action="store_true", help="discard the output folder's earlier results and start over")
@@ -355,7 +355,7 @@ def cmd_predict(args) -> int:
         os.environ["VIRNUC_DS_PROGRESS"] = "plain"  # read by progress.py in every rank
     if args.quiet:
         logging.getLogger().setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="virnuc-ds predict")
+    parser = ArgumentParser(prog="virnuc-ds predict")
     add_run_arguments(parser)
     run_args = parser.parse_args(argv)
     run_args.gpus = gpus

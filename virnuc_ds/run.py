@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from .errors import ArgumentParser, batch_tokens
+
 PREP_DIR = "prep"
 
 
@@ -24,8 +26,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--expected-length", type=int, choices=(300, 500), help="chunk length (overrides prepare.expected_length)")
     p.add_argument("-o", "--output-dir", required=True, help="output folder (resumable)")
     p.add_argument("-p", "--classifier", help="classifier checkpoint (overrides models.classifier)")
-    p.add_argument("--esm-batch-tokens", type=int, help="override esm2.toks_per_batch")
-    p.add_argument("--dnabert-batch-tokens", type=int, help="override dnabert_s.toks_per_batch")
+    p.add_argument("--esm-batch-tokens", type=batch_tokens, help="override esm2.toks_per_batch (at least 1024)")
+    p.add_argument("--dnabert-batch-tokens", type=batch_tokens, help="override dnabert_s.toks_per_batch (at least 1024)")
     p.add_argument("--force", action="store_true", help="discard this output folder's earlier results and start over")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are visible")
     p.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: one rank each under the DeepSpeed launcher "
@@ -40,7 +42,7 @@ def run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="virnuc_ds.run", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="virnuc_ds.run", description=__doc__.split("\n\n")[0])
     add_run_arguments(p)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # older DeepSpeed launchers pass it
     p.add_argument("-v", "--verbose", action="store_true")
@@ -49,18 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .cli import configure_logging
-    from .errors import VirnucError
+    from .cli import configure_logging, reporting_errors
 
     configure_logging(args.verbose)
-    try:
+
+    def relaunch_or_run(args) -> int:
         from .launcher import maybe_relaunch
 
         code = maybe_relaunch(args, list(argv) if argv is not None else sys.argv[1:])
         return run(args) if code is None else code
-    except VirnucError as exc:
-        print(f"virnuc-ds: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+
+    return reporting_errors(relaunch_or_run, args)
 
 
 def exit_rank(code: int) -> None:

@@ -27,6 +27,7 @@ class RankContext:
     local_world_size: int
     device: torch.device
     distributed: bool
+    timeout: datetime.timedelta = datetime.timedelta(minutes=60)  # run.collective_timeout_minutes
 
     @property
     def is_main(self) -> bool:
@@ -36,8 +37,9 @@ class RankContext:
         if not self.distributed:
             return
         if dist.get_backend() == "gloo":
-            # names the ranks that did not arrive when it times out
-            dist.monitored_barrier(wait_all_ranks=True)
+            # names the ranks that did not arrive when it times out (given explicitly: its own default
+            # is not the process group's timeout on every torch version)
+            dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
         else:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -156,4 +158,4 @@ def join_ranks(placement: RankPlacement, timeout_minutes: int = 60, backend_sett
             **({"device_id": placement.device} if backend == "nccl" else {}),
         )
     return RankContext(placement.rank, placement.world_size, placement.local_rank, placement.local_world_size,
-                       placement.device, placement.distributed)
+                       placement.device, placement.distributed, datetime.timedelta(minutes=timeout_minutes))

@@ -236,6 +236,7 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
     t2 = time.time()
     failures = dna_failed + esm_failed
     ok = finite_rows(dna, esm)
+    failures += non_finite_failures(ids, dna, esm, ok, {f.item for f in failures})
     if kept is None and ok.all():  # the usual case: every frame of the part, already in its order
         write_part(path, part.index, need, ids, dna, esm, fingerprint, finisher)
     else:
@@ -258,6 +259,20 @@ def embed_part(out: Path, part, frames, embedders, fingerprint: str, fail_ids, d
     tokens = sum(esm_embedder.token_count(p) for p in proteins)
     return {"dnabert_s": t1 - t0, "esm2": t2 - t1, "part_write": time.time() - t2, "esm2_tokens": tokens,
             "failed_frames": len({f.item for f in failures})}
+
+
+def non_finite_failures(ids: list[str], dna: np.ndarray, esm: np.ndarray, ok: np.ndarray, failed: set) -> list:
+    """Frames whose embedding came back with NaN or Inf (e.g. an fp16 overflow) without an error: listed
+    as failed like any other, so the run completes and names them instead of missing them silently."""
+    out = []
+    for k in np.flatnonzero(~ok):
+        if ids[k] in failed:
+            continue
+        stages = [name for name, rows in (("dnabert_s", dna), ("esm2", esm)) if not np.isfinite(rows[k]).all()]
+        for stage in stages:
+            out.append(FrameFailure(ids[k], stage, "the embedding has NaN or Inf values (a dtype overflow? "
+                                    "try esm2.dtype / dnabert_s.dtype: bf16 or fp32)"))
+    return out
 
 
 def sync(device: torch.device) -> None:

@@ -16,6 +16,7 @@ from ..errors import VirnucError
 from .shard import PART_LAYOUT
 
 MANIFEST = "run_manifest.json"
+MODEL_FACTS = ("esm2", "dnabert_s")
 
 
 def file_digest(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -26,14 +27,36 @@ def file_digest(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def content_sample_digest(path: Path, edge: int = 1 << 20, samples: int = 64, sample: int = 1 << 16) -> str:
+    """sha256 of a file's size, its first and last MiB and 64 blocks of 64 KiB spread evenly between:
+    tells model files apart in milliseconds (another seed, a fine-tune: every tensor differs), where
+    hashing a 5.7 GB checkpoint on a shared file system would take a minute."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        offsets = [0, *(size * k // (samples + 1) for k in range(1, samples + 1)), max(0, size - edge)]
+        for k, offset in enumerate(offsets):
+            fh.seek(offset)
+            h.update(fh.read(edge if k in (0, len(offsets) - 1) else sample))
+    return h.hexdigest()[:16]
+
+
 def model_identity(path: str) -> dict:
+    """Where a model is and what it is; only what it is enters the fingerprint, so the same files
+    copied elsewhere (e.g. to a node's scratch disk in each job of a resumed run) resume the run."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".bin", ".safetensors"))
-        return {"path": str(p), "files": {f.name: f.stat().st_size for f in files}}
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".bin", ".safetensors", ".txt"))
+        return {"path": str(p), "files": {f.name: content_sample_digest(f) for f in files}}
     if p.exists():
-        return {"path": str(p), "size": p.stat().st_size}
+        return {"path": str(p), "content": content_sample_digest(p)}
     return {"path": str(path)}
+
+
+def _without_model_paths(facts: dict) -> dict:
+    """The facts a part's numbers depend on: a model's path is recorded, not compared."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "path"} if k in MODEL_FACTS and isinstance(v, dict) else v)
+            for k, v in facts.items()}
 
 
 def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, dtypes: dict) -> tuple[str, dict]:
@@ -50,7 +73,7 @@ def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, d
         "frames_per_part": cfg.run.frames_per_part,
         "part_layout": PART_LAYOUT,
     }
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(_without_model_paths(facts), sort_keys=True).encode()).hexdigest()[:16]
     return digest, facts
 
 
@@ -62,11 +85,14 @@ def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, for
         except (OSError, json.JSONDecodeError):
             old = {}
         if old.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in facts if old.get("facts", {}).get(k) != facts[k])
+            before, now = _without_model_paths(old.get("facts", {})), _without_model_paths(facts)
+            changed = sorted(k for k in now if before.get(k) != now[k])
             raise VirnucError(
                 f"{output_dir} holds a run with another {', '.join(changed) or 'setup'}; "
                 "use another --output-dir, or --force to discard its results"
             )
-        return
+        if old.get("facts") == facts:
+            return
+        # the same models found at another path: the manifest records where they are now
     with atomic_open(path) as fh:
         json.dump({"fingerprint": fingerprint, "facts": facts}, fh, indent=2)

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..atomic import durable_rename, temporary_path
-from ..errors import EXIT_FAILURE, IncompleteError, VirnucError
+from ..errors import EXIT_FAILURE, IncompleteError, VirnucError, ignore_interrupts
 from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING, finite_rows
 from ..version import __version__
 from .parts import PARTS_DIR, read_part
@@ -239,6 +239,7 @@ def merge_parts(output_dir, frame_ids, attrs=None, fingerprint=None, failed_ids=
 def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, classify_device, threads, conn):
     """Body of the background merge: add parts as they land until rank 0 sends the failed frame
     ids (every rank is done), then a last scan, finish, and the result back."""
+    ignore_interrupts()  # rank 0 decides what a Ctrl-C means, and tells this process
     writer = None
     try:
         import torch
@@ -281,8 +282,11 @@ class BackgroundMerge:
         None if the process died without a word (the caller merges in-process instead)."""
         try:
             self.conn.send(failed_ids)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it has ended already: its error may still be waiting in the pipe
+        try:
             message = self.conn.recv()
-        except (EOFError, BrokenPipeError):
+        except (EOFError, ConnectionResetError):
             message = None
         self.process.join()
         if message is None:

@@ -14,12 +14,14 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ..errors import InputError, VirnucError
+from ..errors import InputError, VirnucError, ignore_interrupts
 from ..prep.prepare import prepare
 from ..run import PREP_DIR
 from .fingerprint import MANIFEST
@@ -65,17 +67,34 @@ def prepare_inputs(cfg, input_path: Path, out: Path, check: dict) -> dict:
 PREPARE_NICENESS = 10
 
 
-def _prepare_in_child(cfg, input_path: Path, out: Path, check: dict, verbose: bool) -> dict:
+def _exit_when_orphaned(rank_pid: int, every_seconds: float = 1.0) -> None:
+    """The rank is gone (killed, e.g. with SIGKILL): stop now, so nothing of this prepare is renamed
+    into OUT/prep later, under a run started since. The pool's workers exit with their pipe."""
+    while True:
+        time.sleep(every_seconds)
+        if os.getppid() != rank_pid:
+            os._exit(1)
+
+
+def _prepare_in_child(cfg, input_path: Path, out: Path, check: dict, verbose: bool, rank_pid: int) -> dict:
     from ..cli import configure_logging
 
+    threading.Thread(target=_exit_when_orphaned, args=(rank_pid,), name="orphan-watch", daemon=True).start()
     configure_logging(verbose)  # the same "HH:MM:SS rankR LEVEL: ..." lines as the rank
     try:
         os.nice(PREPARE_NICENESS)  # the worker pool, spawned from here, inherits it
     except OSError:  # pragma: no cover - not permitted here: run at the rank's priority
         pass
+    signal_name = os.environ.get("VIRNUC_DS_TEST_SIGNAL_GROUP_IN_PREPARE")  # the Ctrl-C test; never set in use
+    if signal_name:
+        os.killpg(os.getpgrp(), getattr(signal, f"SIG{signal_name}"))
     info = prepare_inputs(cfg, input_path, out, check)
     info["niceness"] = os.nice(0)
     return info
+
+
+class PrepareProcessLost(VirnucError):
+    """prepare's process died without a result (killed by a signal or for lack of memory)."""
 
 
 class PrepareInBackground:
@@ -83,14 +102,21 @@ class PrepareInBackground:
     its error (InputError and the other errors of prepare pickle across)."""
 
     def __init__(self, cfg, input_path: Path, out: Path, check: dict, verbose: bool = False):
-        self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
-        self._future = self._pool.submit(_prepare_in_child, cfg, Path(input_path), Path(out), check, verbose)
+        self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=ignore_interrupts)
+        self._future = self._pool.submit(_prepare_in_child, cfg, Path(input_path), Path(out), check, verbose, os.getpid())
 
     def result(self) -> dict:
         try:
             return self._future.result()
         except BrokenProcessPool:
-            raise VirnucError("prepare's process ended abruptly (killed, e.g. by the system for lack of memory); "
-                              "nothing of it is kept: rerun the same command") from None
+            raise PrepareProcessLost("prepare's process ended abruptly (killed, e.g. by the system for lack of memory); "
+                                     "nothing of it is kept: rerun the same command") from None
         finally:
             self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop prepare now (the rank was told to stop at once): result() then raises PrepareProcessLost.
+        Its outputs are written atomically, so a rerun starts prepare afresh."""
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):  # the executor's own table
+            if process.is_alive():
+                process.terminate()

@@ -28,10 +28,11 @@ import torch
 
 from ..atomic import ensure_writable_dir, remove_stale_temporaries
 from ..config import Config, load_config
-from ..errors import InputError, InterruptedRun, VirnucError
+from ..errors import InputError, InterruptedRun, ModelNotFoundError, VirnucError
 from ..launcher import BYTECODE_HINT, missing_bytecode_caches
 from ..prep.prepare import CHUNKED_FASTA, NUCLEOTIDE_FASTA, PROTEIN_FASTA
-from ..progress import ProgressReporter
+from ..plot import HISTOGRAM_PNG, PREDICTION_PNG
+from ..progress import PROGRESS_DIR, ProgressReporter
 from ..run import PREP_DIR
 from ..version import __version__
 from .distributed import join_ranks, place_rank
@@ -40,8 +41,9 @@ from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fin
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, BackgroundMerge
+from .output_lock import OutputFolderLock
 from .parts import PARTS_DIR, PartFinisher, part_is_complete
-from .prepare_stage import PrepareInBackground
+from .prepare_stage import PrepareInBackground, PrepareProcessLost
 from .shard import assign_parts, plan_parts
 
 log = logging.getLogger("virnuc_ds.run")
@@ -75,7 +77,10 @@ def apply_overrides(cfg: Config, args) -> Config:
 class StopFlag:
     """SIGTERM/SIGINT set a flag; the rank stops after the part in flight (finished parts are kept).
 
-    A second signal stops at once (KeyboardInterrupt): parts are atomic, so nothing finished is lost."""
+    A Ctrl-C (SIGINT) after that stops at once (KeyboardInterrupt): parts are atomic, so nothing
+    finished is lost. A repeated SIGTERM does not: DeepSpeed's launcher sends one to every rank still
+    running when the first rank stops (exit code 3), and a scheduler may signal both the launcher and
+    the ranks; each rank then still finishes its part in flight (the launcher kills it 30 s later)."""
 
     def __init__(self):
         self.signal = None
@@ -84,24 +89,29 @@ class StopFlag:
 
     def _handle(self, signum, _frame):
         if self.signal:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signal = signal.Signals(signum).name
-        log.warning("%s received: stopping after the part in flight (send it again to stop now)", self.signal)
+        log.warning("%s received: stopping after the part in flight (Ctrl-C to stop now)", self.signal)
 
     def check(self, rank: int) -> None:
         if self.signal:
             raise InterruptedRun(f"rank {rank} stopped by {self.signal}; finished parts are kept, rerun the same command to resume")
 
 
-def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, facts_fn) -> dict:
-    """Rank 0: fingerprint check (another input/config/models in this folder is refused unless
-    --force), stale temporaries removed; says whether prepare's outputs are already there."""
+def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, facts_fn, lock: OutputFolderLock) -> dict:
+    """Rank 0: the folder's lock (one run at a time), fingerprint check (another input/config/models
+    in this folder is refused unless --force), stale temporaries removed; says whether prepare's
+    outputs are already there."""
+    lock.acquire()
     digest = file_digest(input_path)
     fingerprint, facts = facts_fn(digest)
-    if force:
-        for name in (PREP_DIR, PARTS_DIR):
+    if force:  # everything a run or its follow-up commands (plot) write, so nothing stale stays beside the new results
+        for name in (PREP_DIR, PARTS_DIR, PROGRESS_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv"):
+        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv",
+                     PREDICTION_PNG, HISTOGRAM_PNG):
             (out / name).unlink(missing_ok=True)
     new_manifest = not (out / MANIFEST).exists()
     check_or_write_manifest(out, fingerprint, facts, force)
@@ -113,13 +123,25 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
     return {"fingerprint": fingerprint, "prepared": prepared, "new_manifest": new_manifest}
 
 
+def _resolve_model(resolver, value: str, cfg: Config) -> Path:
+    """resolver(value); when nothing is found, the error also names the config file's folder, where
+    a relative path was looked for first (config.load_config)."""
+    try:
+        return resolver(value)
+    except ModelNotFoundError as exc:
+        config_file = Path(cfg.source)
+        if Path(value).is_absolute() or not config_file.is_file():
+            raise
+        raise ModelNotFoundError(exc.what, [config_file.parent / value, *exc.searched]) from None
+
+
 def _models_and_numerics(cfg: Config, device: torch.device) -> tuple[Path, Path, torch.dtype, torch.dtype, bool]:
     """(ESM-2 checkpoint, DNABERT-S folder, their dtypes, whether ESM-2 runs on DeepSpeed's kernels)."""
     from ..models.dnabert_s import resolve_dnabert_s_folder
     from ..models.esm2 import resolve_esm2_checkpoint
 
-    esm2_path = resolve_esm2_checkpoint(cfg.models.esm2)
-    dnabert_path = resolve_dnabert_s_folder(cfg.models.dnabert_s)
+    esm2_path = _resolve_model(resolve_esm2_checkpoint, cfg.models.esm2, cfg)
+    dnabert_path = _resolve_model(resolve_dnabert_s_folder, cfg.models.dnabert_s, cfg)
     kernel_inject = cfg.esm2.replace_with_kernel_inject and device.type == "cuda"
     return esm2_path, dnabert_path, resolve_dtype(cfg.esm2.dtype, device), resolve_dtype(cfg.dnabert_s.dtype, device), kernel_inject
 
@@ -172,6 +194,7 @@ def run(args) -> int:
     stop = StopFlag()
     timings.update(process_group=time.time() - t0, startup=_seconds_since_process_start())  # interpreter, imports, process group
     progress = merger = finisher = None
+    output_lock = OutputFolderLock(args.output_dir)  # taken by rank 0 only
     try:
         out = Path(args.output_dir)
         input_path = Path(args.input)
@@ -203,7 +226,7 @@ def run(args) -> int:
         # 1. the output folder: fingerprint check (rank 0), shared with every rank
         check = ctx.on_main(
             _check_output_folder, cfg, input_path, out, args.force,
-            lambda digest: run_fingerprint(digest, cfg, str(esm2_path), str(dnabert_path), dtypes),
+            lambda digest: run_fingerprint(digest, cfg, str(esm2_path), str(dnabert_path), dtypes), output_lock,
         )
         fingerprint = check["fingerprint"]
 
@@ -215,11 +238,26 @@ def run(args) -> int:
             prep_info = {"fingerprint": fingerprint, "seconds": 0.0, "stats": None}
         else:
             job = PrepareInBackground(cfg, input_path, out, check, getattr(args, "verbose", False)) if ctx.is_main else None
+
+            def prepare_result() -> dict:
+                try:
+                    return job.result()
+                except PrepareProcessLost:
+                    if check["new_manifest"]:  # as prepare does on bad input: a rerun with another input is not refused
+                        (out / MANIFEST).unlink(missing_ok=True)
+                    if stop.signal:  # the signal reached prepare's process too (e.g. sent to the job's processes)
+                        raise InterruptedRun(f"stopped by {stop.signal} during prepare; rerun the same command to resume") from None
+                    raise
+
             try:
                 embedders = load_models()
+            except KeyboardInterrupt:  # told twice: stop now, prepare included
+                if job is not None:
+                    job.abandon()
+                raise
             finally:
                 t_wait = time.time()
-                prep_info = ctx.on_main(job.result if job is not None else None)
+                prep_info = ctx.on_main(prepare_result if job is not None else None)
                 timings["prepare_wait"] = time.time() - t_wait
         timings["prepare"] = prep_info["seconds"]
 
@@ -290,6 +328,7 @@ def run(args) -> int:
             merger.abandon()
         if progress is not None:
             progress.close()
+        output_lock.release()
         ctx.close()
 
 
