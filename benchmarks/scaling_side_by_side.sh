@@ -20,6 +20,7 @@
 #                                                    # every rank's start-up and load steps
 #   PROBE_A="-u PYTHONPYCACHEPREFIX PYTHONDONTWRITEBYTECODE=1" PROBE_B="" ... probe   # bytecode caches
 #                                                    # off (the node as it comes) / on
+#   SCALING_ARGS="--attention sdpa" OUT=... WORK=... bash ... phase1   # every run with more scaling.py arguments
 #   PROBE_A= PROBE_B= PROBE_A_ARGS="--attention deepspeed" PROBE_B_ARGS="--attention sdpa" \
 #     PROBE_WORKLOADS="contigs500 reads150" PROBE_RUNS="a1 b1" ... probe   # scaling.py arguments per
 #                                                    # setting, on each workload (READS_S sizes reads150)
@@ -61,13 +62,17 @@ if [ "$node_gpus" -lt 1 ]; then node_gpus=4; fi
 per_gpu=$((cores / node_gpus))
 TINY_FLAG=()
 [ -n "${TINY:-}" ] && TINY_FLAG=(--tiny)
+# SCALING_ARGS: more scaling.py arguments for every run, e.g. "--attention sdpa" (a run set of its own:
+# give it its own OUT and WORK)
+read -r -a scaling_args <<< "${SCALING_ARGS:-}"
+COMMON=(--work "$WORK" "${TINY_FLAG[@]}" "${scaling_args[@]}")
 # pin a job on GPUs $1 .. $1+$2-1 to their share of the cores (not on a machine of fewer cores than GPUs)
 pin() {
     if [ "$per_gpu" -ge 1 ] && command -v taskset > /dev/null; then
         echo taskset -c "$(($1 * per_gpu))-$((($1 + $2) * per_gpu - 1))"
     fi
 }
-scaling() { python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" "$@"; }
+scaling() { python3 benchmarks/scaling.py "${COMMON[@]}" "$@"; }
 
 # the bytecode of every package a run imports (the launcher's and the ranks'), as pip would have
 # compiled it at install time; a few seconds on a node's cores, once per machine
@@ -186,7 +191,7 @@ probe)
             else setting=("${setting_b[@]}") args=("${args_b[@]}"); fi
             echo "$name: env ${setting[*]}; scaling.py ${args[*]}" >> "$RESULTS/probe_settings.txt"
             # shellcheck disable=SC2046
-            env "${setting[@]}" $(pin 0 "$gpus") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" \
+            env "${setting[@]}" $(pin 0 "$gpus") python3 benchmarks/scaling.py "${COMMON[@]}" \
                 --gpus "$gpus" --workload "$workload" --port $port "${args[@]}" --out "$RESULTS/$name" \
                 > "$RESULTS/$name.log" 2>&1 || tail -n 20 "$RESULTS/$name.log"
             port=$((port + 20))
@@ -225,7 +230,7 @@ phase1)
     gpu=0
     for workload in $N1_WORKLOADS; do
         # shellcheck disable=SC2046 # pin's words are meant to split
-        $(pin $gpu 1) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 1 --workload "$workload" \
+        $(pin $gpu 1) python3 benchmarks/scaling.py "${COMMON[@]}" --gpus 1 --workload "$workload" \
             --devices $gpu --port $((29500 + 20 * gpu)) --out "$RESULTS/${workload:0:1}1" > "$RESULTS/${workload:0:1}1.log" 2>&1 &
         gpu=$((gpu + 1))
     done
@@ -234,7 +239,7 @@ phase1)
         port=29540
         for workload in $N2_WORKLOADS; do
             # shellcheck disable=SC2046
-            $(pin 2 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
+            $(pin 2 2) python3 benchmarks/scaling.py "${COMMON[@]}" --gpus 2 --workload "$workload" \
                 --devices 2,3 --port $port --out "$RESULTS/${workload:0:1}2" || true
             port=$((port + 20))
         done
@@ -251,7 +256,7 @@ n2)
     pair=0
     for workload in ${N2_WORKLOADS:-contigs500 reads150}; do   # side by side, GPUs 0,1 then 2,3
         # shellcheck disable=SC2046
-        $(pin $((2 * pair)) 2) python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus 2 --workload "$workload" \
+        $(pin $((2 * pair)) 2) python3 benchmarks/scaling.py "${COMMON[@]}" --gpus 2 --workload "$workload" \
             --devices $((2 * pair)),$((2 * pair + 1)) --port $((29540 + 20 * pair)) --out "$RESULTS/${workload:0:1}2" \
             > "$RESULTS/${workload:0:1}2.log" 2>&1 &
         pair=$((pair + 1))
@@ -271,7 +276,7 @@ phase2)
         for workload in $N4_WORKLOADS; do
             name=${workload:0:1}$n
             # shellcheck disable=SC2046
-            $(pin 0 "$n") python3 benchmarks/scaling.py --work "$WORK" "${TINY_FLAG[@]}" --gpus "$n" --workload "$workload" \
+            $(pin 0 "$n") python3 benchmarks/scaling.py "${COMMON[@]}" --gpus "$n" --workload "$workload" \
                 --port $port --out "$RESULTS/$name" > "$RESULTS/$name.log" 2>&1 || tail -n 20 "$RESULTS/$name.log"
             port=$((port + 20))
         done
