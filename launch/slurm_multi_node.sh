@@ -150,7 +150,10 @@ MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bi
 export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS
 
 echo "virnuc-ds: job ${SLURM_JOB_ID:-?}: ${#hosts[@]} node(s) (${NODE_HOSTS}) x $GPUS GPU(s), master $MASTER_ADDR:$MASTER_PORT; output $OUTPUT"
-srun_args=(--nodes="${#hosts[@]}" --ntasks-per-node=1 --kill-on-bad-exit=0 --label)
+# a node whose task fails (exit code 1) stops the step: the other nodes' ranks get SIGTERM, finish the part
+# in flight and exit 3, instead of computing on and then waiting at the run's end for the lost node
+# until run.collective_timeout_minutes
+srun_args=(--nodes="${#hosts[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1 --label)
 if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")   # srun no longer inherits it from sbatch
 fi
