@@ -458,3 +458,23 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_leaves_it_alone(demo, on
     finally:
         running.release()
     assert run_cli(demo, out) == 0  # free again: the run resumes
+
+
+def test_a_broken_gpu_stops_the_rank_instead_of_failing_every_frame(demo, one_rank, tmp_path, monkeypatch, capsys):
+    """A sticky CUDA error (an illegal address, a device-side assert) is not the frames' fault: the rank
+    stops with exit 1 and a rerun resumes, instead of listing every later frame as failed (exit 2)."""
+    from virnuc_ds.pipeline import embed_part
+
+    def broken(embedder, sequences, stage):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(embed_part, "embed_with_oom_retry", broken)
+    out = tmp_path / "broken_gpu"
+    capsys.readouterr()
+    assert run_cli(demo, out) == 1
+    err = capsys.readouterr().err
+    assert "error: dnabert_s: the GPU failed (CUDA error: an illegal memory access was encountered); this rank" in err
+    assert not (out / "failed_files.txt").exists() and not list((out / PARTS_DIR).glob("*.failed.txt"))
+    monkeypatch.undo()
+    assert run_cli(demo, out) == 0
+    assert read_embeddings(out / "embeddings.h5").ids == read_embeddings(one_rank / "embeddings.h5").ids

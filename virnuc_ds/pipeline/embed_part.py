@@ -62,6 +62,18 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _is_broken_device(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory (an illegal address, a device-side assert, an ECC error):
+    the process's CUDA context is unusable from then on, so every later frame would "fail" too."""
+    if _is_oom(exc):
+        return False
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
+
+
+class DeviceFailure(VirnucError):
+    """The GPU failed in a way this process cannot recover from."""
+
+
 def embed_with_oom_retry(embedder, sequences: list[str], stage: str) -> np.ndarray:
     """embedder.embed(sequences) [n, D]; on out-of-memory, halve the token budget and try again."""
     while True:
@@ -90,6 +102,10 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing frames below
         if _is_oom(batch_error):
             raise
+        if _is_broken_device(batch_error):  # not the frames' fault: retrying them one by one would list them all
+            first_line = str(batch_error).strip().splitlines()[0] if str(batch_error).strip() else type(batch_error).__name__
+            raise DeviceFailure(f"{stage}: the GPU failed ({first_line}); this rank cannot use it again and stops. "
+                                "Finished parts are kept: rerun the same command to resume") from batch_error
         log.warning("%s: a batch failed (%s); retrying its %d frames one at a time", stage, batch_error, len(ids))
     rows: list[np.ndarray | None] = []
     failures = []
