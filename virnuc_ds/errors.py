@@ -87,4 +87,3 @@ def batch_tokens(text: str) -> int:
     if value < 1024:
         raise argparse.ArgumentTypeError(f"must be at least 1024, got {value}")
     return value
-
