@@ -118,6 +118,28 @@ def test_failed_frames_are_left_out_and_missing_ones_are_an_error(demo, one_rank
     assert [r.split("\t")[0] for r in rows] == emb.ids
 
 
+def test_parts_slow_to_show_on_a_network_file_system_are_waited_for(demo, one_rank, tmp_path, monkeypatch):
+    """A run of several nodes: a part another node renamed into place may not be listed on rank 0's node
+    yet (NFS caches listings). The last scan looks again (here the part "shows" at the first look again,
+    via the patched sleep) instead of calling its frames missing; without a wait they are."""
+    from virnuc_ds.pipeline import merge
+
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    ids = read_frame_ids(out / "prep")
+    late = sorted((out / PARTS_DIR).glob("part-*.h5"))[-1]
+    fingerprint = read_part(late)["fingerprint"]
+    hidden = tmp_path / late.name
+    shutil.move(late, hidden)
+    with pytest.raises(IncompleteError, match="frames have no embeddings"):
+        merge_parts(out, ids, fingerprint=fingerprint)  # a single node: no wait
+    looks = []
+    monkeypatch.setattr(merge.time, "sleep", lambda seconds: looks.append(seconds) or shutil.move(hidden, late))
+    merge_parts(out, ids, fingerprint=fingerprint, classifier_path=str(demo["classifier"]), settle_seconds=90)
+    assert looks == [merge.SETTLE_POLL_SECONDS]
+    assert read_embeddings(out / "embeddings.h5").ids == read_embeddings(one_rank / "embeddings.h5").ids
+    assert _results(one_rank) == _results(out)
+
+
 def test_a_part_with_nan_is_refused_naming_the_frame(demo, one_rank, tmp_path):
     out = _copy_without_results(one_rank, tmp_path / "o")
     parts = sorted((out / PARTS_DIR).glob("part-*.h5"))

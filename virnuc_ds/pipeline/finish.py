@@ -44,18 +44,19 @@ def merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint) -> dict:
 
 
 def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info,
-               background_merge=None):
+               background_merge=None, settle_seconds: float = 0.0):
     """Rank 0, once every rank is done: merge + completeness check, classify, write the run report.
 
     background_merge: the BackgroundMerge that took parts up while the ranks computed; without one
-    (or if it died) the parts are merged and classified here."""
+    (or if it died) the parts are merged and classified here. settle_seconds: how long to look again
+    for parts other nodes wrote (merge.PART_VISIBILITY_SECONDS in a run of several nodes)."""
     t0 = time.time()
     failures = collect_failures(out)
     failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
-    merged = background_merge.finish(failed_ids) if background_merge is not None else None
+    merged = background_merge.finish(failed_ids, settle_seconds) if background_merge is not None else None
     if merged is None:
         merged = merge_parts(out, list(frame_ids), merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint), fingerprint,
-                             failed_ids, cfg.models.classifier, cfg.classify.device)
+                             failed_ids, cfg.models.classifier, cfg.classify.device, settle_seconds)
     merge_s = time.time() - t0  # the wait for the merge after the last part (the whole merge without a background one)
     if cfg.models.classifier:
         log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")

@@ -33,6 +33,10 @@ log = logging.getLogger("virnuc_ds.run")
 
 EMBEDDINGS_H5 = "embeddings.h5"
 POLL_SECONDS = 0.5
+SETTLE_POLL_SECONDS = 5.0
+# how long rank 0 looks again for parts written on other nodes (a run of several nodes): NFS clients
+# revalidate a folder's cached listing after at most acdirmax, 60 s by default
+PART_VISIBILITY_SECONDS = 90.0
 
 
 def _examples(items, n=5) -> str:
@@ -161,12 +165,29 @@ class MergeWriter:
             self.lines[i] = prediction_line(self.frame_ids[i], probs[k])
 
     # -- the end ---------------------------------------------------------------------------
+    def missing_frames(self, failed_ids: frozenset[str] = frozenset()) -> np.ndarray:
+        """Indices of the frames no part holds, less those listed as failed."""
+        n = len(self.frame_ids)
+        listed_failed = np.array([i in failed_ids for i in self.frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
+        return np.flatnonzero((self.filled == 0) & ~listed_failed)
+
+    def add_last_parts(self, failed_ids: frozenset[str] = frozenset(), settle_seconds: float = 0.0) -> None:
+        """The last scan, once every rank is done. On a network file system (NFS caches a folder's
+        listing for up to a minute), a part another node renamed into place moments ago may not be
+        listed here yet: with settle_seconds, look again every few seconds while frames are missing."""
+        self.add_new_parts()
+        deadline = time.monotonic() + settle_seconds
+        while len(self.missing_frames(failed_ids)) and time.monotonic() < deadline:
+            log.info("%d frames not in the parts listed yet: looking again (parts written on other nodes "
+                     "may take a while to show on a network file system)", len(self.missing_frames(failed_ids)))
+            time.sleep(SETTLE_POLL_SECONDS)
+            self.add_new_parts()
+
     def finish(self, failed_ids: frozenset[str] = frozenset()) -> dict:
         """Check completeness, put embeddings.h5 (and the result files) in place; returns stats."""
         t0 = time.time()
         n = len(self.frame_ids)
-        listed_failed = np.array([i in failed_ids for i in self.frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
-        missing = np.flatnonzero((self.filled == 0) & ~listed_failed)
+        missing = self.missing_frames(failed_ids)
         if len(missing):
             raise IncompleteError(
                 f"{len(missing)} of {n} frames have no embeddings "
@@ -226,11 +247,11 @@ class MergeWriter:
 
 
 def merge_parts(output_dir, frame_ids, attrs=None, fingerprint=None, failed_ids=frozenset(),
-                classifier_path=None, classify_device="auto") -> dict:
+                classifier_path=None, classify_device="auto", settle_seconds: float = 0.0) -> dict:
     """Merge (and classify) every part now, in this process: `virnuc-ds merge`, and the fallback."""
     writer = MergeWriter(output_dir, frame_ids, fingerprint, attrs, classifier_path, classify_device)
     try:
-        writer.add_new_parts()
+        writer.add_last_parts(failed_ids, settle_seconds)
         return writer.finish(failed_ids)
     finally:
         writer.discard()
@@ -253,8 +274,8 @@ def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, cl
             writer.add_new_parts()
             if parent is not None and not parent.is_alive():
                 return  # rank 0 is gone: nothing to finish
-        failed_ids = conn.recv()
-        writer.add_new_parts()  # the parts written before rank 0 said stop
+        failed_ids, settle_seconds = conn.recv()
+        writer.add_last_parts(failed_ids, settle_seconds)  # the parts written before rank 0 said stop
         conn.send(("ok", writer.finish(failed_ids)))
     except BaseException as exc:  # noqa: BLE001 - handed to rank 0, which reports it
         conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))
@@ -277,11 +298,12 @@ class BackgroundMerge:
         self.process.start()
         child_conn.close()
 
-    def finish(self, failed_ids: frozenset[str] = frozenset()) -> dict | None:
+    def finish(self, failed_ids: frozenset[str] = frozenset(), settle_seconds: float = 0.0) -> dict | None:
         """Stop after the parts now on disk and return the merge's result; raises its error.
-        None if the process died without a word (the caller merges in-process instead)."""
+        None if the process died without a word (the caller merges in-process instead).
+        settle_seconds: see MergeWriter.add_last_parts."""
         try:
-            self.conn.send(failed_ids)
+            self.conn.send((failed_ids, settle_seconds))
         except (BrokenPipeError, ConnectionResetError):
             pass  # it has ended already: its error may still be waiting in the pipe
         try:

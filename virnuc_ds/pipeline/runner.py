@@ -40,7 +40,7 @@ from .embed_part import embed_part, injected_fault_ids, load_embedders
 from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
 from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
 from .frames_table import read_frames_table
-from .merge import EMBEDDINGS_H5, BackgroundMerge
+from .merge import EMBEDDINGS_H5, PART_VISIBILITY_SECONDS, BackgroundMerge
 from .output_lock import OutputFolderLock
 from .parts import PARTS_DIR, PartFinisher, part_is_complete
 from .prepare_stage import PrepareInBackground, PrepareProcessLost
@@ -310,7 +310,9 @@ def run(args) -> int:
         timings["rank_wall"] = _seconds_since_process_start()
         progress.close()
         all_timings = ctx.gather(timings)
-        ctx.on_main(finish_run, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info, merger)
+        several_nodes = ctx.world_size > ctx.local_world_size  # parts from other nodes, seen through a network file system
+        ctx.on_main(finish_run, cfg, out, frames.ids, fingerprint, dtypes, esm2_path, dnabert_path, all_timings, prep_info, merger,
+                    PART_VISIBILITY_SECONDS if several_nodes else 0.0)
         merger = None
         ctx.close(drain=True)
         return 0
