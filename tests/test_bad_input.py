@@ -154,3 +154,143 @@ def test_an_output_folder_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     assert main(["prepare", "-i", str(tmp_path / "in.fa"), "-m", "300", "-o", str(tmp_path / "taken")]) == 1
     assert capsys.readouterr().err.strip() == f"virnuc-ds: error: {tmp_path / 'taken'}: is a file, not a folder: name a folder to write into"
+
+
+# --- bad model files: one line naming the file, exit 1, no GPU work spent first -------------------------
+
+
+@pytest.fixture
+def broken_demo(demo, tmp_path):
+    """A private copy of the demo models, to break one file of."""
+    import shutil
+
+    from virnuc_ds.demo import DEMO_CONFIG
+
+    folder = shutil.copytree(demo["config"].parent, tmp_path / "models")
+    return {"folder": folder, "config": folder / DEMO_CONFIG, "esm2": folder / demo["esm2"].name,
+            "dnabert_s": folder / demo["dnabert_s"].name, "classifier": folder / demo["classifier"].name}
+
+
+def _run(models, out, *extra):
+    from conftest import SAMPLE
+
+    return main(["run", "-c", str(models["config"]), "-i", str(SAMPLE), "-m", "500", "-o", str(out), *extra])
+
+
+def _half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "not a readable ESM-2 checkpoint"),
+    ("empty", "not a readable ESM-2 checkpoint"),
+    ("text", "not a readable ESM-2 checkpoint"),
+])
+def test_a_broken_esm2_checkpoint_is_one_line_and_the_fixed_one_then_runs(broken_demo, tmp_path, capsys, damage, expected):
+    esm2 = broken_demo["esm2"]
+    good = esm2.read_bytes()
+    esm2.write_bytes({"truncate": good[: len(good) // 2], "empty": b"", "text": b"esm2 weights\n"}[damage])
+    out = tmp_path / "out"
+    assert _run(broken_demo, out) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"{esm2}: {expected}" in err[0], err
+    assert not list((out / "parts").glob("part-*.h5")) and not (out / "embeddings.h5").exists()
+    esm2.write_bytes(good)  # the user fixes the file and reruns the same command: not refused
+    assert _run(broken_demo, out) == 0, capsys.readouterr().err
+
+
+def test_an_esm2_checkpoint_whose_weights_do_not_fit_its_config(broken_demo, tmp_path, capsys):
+    import torch
+
+    data = torch.load(broken_demo["esm2"], weights_only=False)
+    data["cfg"]["model"].encoder_layers += 1  # the config says one layer more than the weights hold
+    torch.save(data, broken_demo["esm2"])
+    assert _run(broken_demo, tmp_path / "out") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "its weights do not fit the ESM-2 its own config describes" in err[0], err
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("config.json", "{not json", "config.json: not a readable model config"),
+    ("config.json", "[1, 2]", "config.json: not a model config"),
+    ("config.json", '{"hidden_size": "48"}', "config.json: hidden_size must be int, got '48'"),
+    ("tokenizer.json", "{}", "tokenizer.json: not a readable tokenizer"),
+    ("model.safetensors", None, "model.safetensors: not a readable weights file"),
+])
+def test_a_broken_dnabert_s_folder_is_one_line(broken_demo, tmp_path, capsys, name, content, expected):
+    path = broken_demo["dnabert_s"] / name
+    if content is None:
+        _half(path)
+    else:
+        path.write_text(content)
+    assert _run(broken_demo, tmp_path / "out") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_dnabert_s_weights_that_do_not_fit_its_config_are_one_short_line(broken_demo, tmp_path, capsys):
+    import json
+
+    config = broken_demo["dnabert_s"] / "config.json"
+    settings = json.loads(config.read_text())
+    settings["intermediate_size"] += 8
+    config.write_text(json.dumps(settings))
+    assert _run(broken_demo, tmp_path / "out") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "weights do not match the DNABERT-S that config.json describes" in err[0] and len(err[0]) < 600, err
+
+
+def test_a_broken_classifier_is_found_before_any_gpu_work(broken_demo, tmp_path, capsys):
+    _half(broken_demo["classifier"])
+    out = tmp_path / "out"
+    assert _run(broken_demo, out) == 1
+    err = capsys.readouterr().err
+    assert f"{broken_demo['classifier']}: not a VirNucPro classifier checkpoint" in err
+    assert not out.exists() or not list((out / "parts").glob("part-*.h5"))
+
+
+def test_a_classifier_of_other_widths_is_refused_before_any_part(broken_demo, tmp_path, capsys):
+    from virnuc_ds.classify.mlp import MLPClassifier, save_original_style
+
+    save_original_style(MLPClassifier(100, 16, 2).eval(), broken_demo["classifier"])
+    out = tmp_path / "out"
+    assert _run(broken_demo, out) == 1
+    assert "classifier takes 100 features but the models give" in capsys.readouterr().err
+    assert not list((out / "parts").glob("part-*.h5"))
+
+
+def test_a_failed_rerun_leaves_no_earlier_predictions_behind(demo, one_rank, broken_demo, tmp_path, capsys):
+    # a finished folder classified again with an unfit classifier: the old results must not stay, as
+    # if they were this run's
+    import shutil
+
+    from virnuc_ds.classify.mlp import MLPClassifier, save_original_style
+
+    out = shutil.copytree(one_rank, tmp_path / "done")
+    save_original_style(MLPClassifier(100, 16, 2).eval(), tmp_path / "other.pth")
+    assert _run(demo, out, "-p", str(tmp_path / "other.pth")) == 1
+    assert "classifier takes 100 features" in capsys.readouterr().err
+    assert not (out / "prediction_results.txt").exists() and not (out / "prediction_results_highestscore.csv").exists()
+
+
+def test_classify_on_a_gpu_that_is_not_there(demo, one_rank, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = main(["classify", "-e", str(one_rank / "embeddings.h5"), "-p", str(demo["classifier"]), "-o", str(tmp_path / "o"),
+                 "--device", "cuda"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'cuda' but this machine has no usable CUDA GPU" in err
+    assert not (tmp_path / "o" / "prediction_results.txt").exists()
+
+
+def test_import_legacy_of_an_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert main(["import-legacy", "--merged", str(tmp_path / "empty.pt"), "-o", str(tmp_path / "x.h5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empty.pt: not a readable torch file (EOFError" in err
+    assert not (tmp_path / "x.h5").exists()

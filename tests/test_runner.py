@@ -473,7 +473,7 @@ def test_a_broken_gpu_stops_the_rank_instead_of_failing_every_frame(demo, one_ra
     capsys.readouterr()
     assert run_cli(demo, out) == 1
     err = capsys.readouterr().err
-    assert "error: dnabert_s: the GPU failed (CUDA error: an illegal memory access was encountered); this rank" in err
+    assert "error: dnabert_s: the GPU failed (RuntimeError: CUDA error: an illegal memory access was encountered); this rank" in err
     assert not (out / "failed_files.txt").exists() and not list((out / PARTS_DIR).glob("*.failed.txt"))
     monkeypatch.undo()
     assert run_cli(demo, out) == 0

@@ -131,7 +131,8 @@ def reporting_errors(func, args) -> int:
     try:
         return int(func(args) or 0)
     except VirnucError as exc:
-        print(f"virnuc-ds: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever a library's message held
+        print(f"virnuc-ds: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("virnuc-ds: interrupted; finished parts are kept, rerun the same command to resume", file=sys.stderr)

@@ -23,6 +23,16 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: its type, and the first line of its message if it has one
+    (library errors can run to dozens of lines: a state_dict's every mismatched key)."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > 300:
+        line = line[:297] + "..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 class VirnucError(Exception):
     """An error the user can act on; its message is printed as one line."""
 

@@ -15,6 +15,11 @@ from .predict import predict_probabilities, write_results
 def pick_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"classify.device / --device is {name!r} but this machine has no usable CUDA GPU "
+                          "(auto picks the GPU when there is one)")
     return name
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 ORIGINAL_INPUT_DIM = 3328  # DNABERT-S 768 + ESM-2 3B 2560
 ORIGINAL_HIDDEN_DIM = 512
@@ -114,8 +114,7 @@ def load_classifier(path: str | os.PathLike, expected_input_dim: int | None = OR
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TorchOnlyPickle)
         except Exception:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise InputError(path, f"not a VirNucPro classifier checkpoint ({first})") from None
+            raise InputError(path, f"not a VirNucPro classifier checkpoint ({first_line(exc)})") from None
     if isinstance(obj, MLPClassifier):
         model = obj
     elif isinstance(obj, dict):
@@ -123,7 +122,7 @@ def load_classifier(path: str | os.PathLike, expected_input_dim: int | None = OR
         try:
             model = _from_state_dict(state)
         except (KeyError, RuntimeError, AttributeError) as exc:
-            raise InputError(path, f"state_dict does not fit the VirNucPro classifier ({exc})") from None
+            raise InputError(path, f"state_dict does not fit the VirNucPro classifier ({first_line(exc)})") from None
     else:
         raise InputError(path, f"holds a {type(obj).__name__}, not a VirNucPro classifier")
     if model.output_layer.out_features != NUM_CLASSES:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from virnuc_ds.errors import ConfigError, ModelNotFoundError
+from virnuc_ds.errors import ConfigError, ModelNotFoundError, first_line
 
 HF_REPO_ID = "zhihan1996/DNABERT-S"
 CONFIG_FILE = "config.json"
@@ -47,8 +47,20 @@ class DnabertSConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "DnabertSConfig":
-        raw = json.loads(Path(path).read_text())
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{path}: not a readable model config ({first_line(error)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: not a model config (a JSON object of settings is expected)")
         known = {f.name for f in fields(cls)}
+        for key, value in raw.items():
+            if key not in known or value is None:
+                continue
+            kind = type(getattr(cls, key))
+            accepted = (int, float) if kind is float else kind
+            if not isinstance(value, accepted) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
         config = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
         if config.hidden_size % config.num_attention_heads:
             raise ConfigError(f"{path}: hidden_size is not a multiple of num_attention_heads")
@@ -274,7 +286,10 @@ def load_dnabert_s_tokenizer(folder: Path):
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
-    tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise ConfigError(f"{folder / TOKENIZER_FILE}: not a readable tokenizer ({first_line(error)})") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     if tokenizer.post_processor is None:
@@ -290,7 +305,11 @@ def load_dnabert_s(folder_or_repo: str | os.PathLike | None = None):
     folder = resolve_dnabert_s_folder(folder_or_repo)
     config = DnabertSConfig.from_json_file(folder / CONFIG_FILE)
     weights_path = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
-    state = encoder_state_dict(load_weights_file(weights_path))
+    try:
+        weights = load_weights_file(weights_path)
+    except Exception as error:  # noqa: BLE001 - truncated or not a weights file: one line naming it
+        raise ConfigError(f"{weights_path}: not a readable weights file ({first_line(error)})") from None
+    state = encoder_state_dict(weights)
     from .esm2 import skip_weight_init
 
     with skip_weight_init():  # every weight comes from the file (strict=True below)
@@ -298,6 +317,7 @@ def load_dnabert_s(folder_or_repo: str | os.PathLike | None = None):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ConfigError(f"{weights_path}: weights do not match DNABERT-S: {error}") from error
+        raise ConfigError(f"{weights_path}: weights do not match the DNABERT-S that {CONFIG_FILE} describes "
+                          f"({first_line(error)})") from None
     model = model.float().eval().requires_grad_(False)
     return model, load_dnabert_s_tokenizer(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from esm.pretrained import load_model_and_alphabet_core
 
-from virnuc_ds.errors import ConfigError, ModelNotFoundError
+from virnuc_ds.errors import ConfigError, ModelNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu
     The model is built on `device` and the memory-mapped weights are copied straight there: on a
     GPU this skips a CPU copy of the fp32 model (11 GB for the 3B model, per rank)."""
     path = resolve_esm2_checkpoint(path_or_name)
-    model_data = load_checkpoint_file(path)
+    try:
+        model_data = load_checkpoint_file(path)
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file: one line naming it
+        raise ConfigError(f"{path}: not a readable ESM-2 checkpoint ({first_line(error)})") from None
     if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
         raise ConfigError(f"{path}: not an ESM-2 checkpoint (no 'cfg'/'model' entries)")
     if torch.device(device).type != "cpu":
@@ -127,13 +130,22 @@ def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu
         model_data = dict(model_data, model={k: v.to(device) if isinstance(v, torch.Tensor) else v
                                              for k, v in model_data["model"].items()})
     regression_path = path.with_name(path.stem + REGRESSION_SUFFIX)
-    regression_data = load_checkpoint_file(regression_path) if regression_path.is_file() else None
+    regression_data = None
+    if regression_path.is_file():
+        try:
+            regression_data = load_checkpoint_file(regression_path)
+        except Exception as error:  # noqa: BLE001 - the contact head is never used: a bad file is no reason to stop
+            log.warning("%s: unreadable (%s); not needed, ignored", regression_path, first_line(error))
 
     # fair-esm picks the ESM-2 builder by the name's prefix; a renamed file is still ESM-2.
     model_name = path.stem if path.stem.startswith("esm2") else f"esm2_{path.stem}"
     with warnings.catch_warnings(), skip_weight_init(), torch.device(device):
         warnings.filterwarnings("ignore", message="Regression weights not found")  # head unused
-        model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
+        try:
+            model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+            raise ConfigError(f"{path}: its weights do not fit the ESM-2 its own config describes "
+                              f"({first_line(error)})") from None
     if regression_data is None:  # the contact head is never used; give it defined values
         torch.nn.init.zeros_(model.contact_head.regression.weight)
         torch.nn.init.zeros_(model.contact_head.regression.bias)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_open
-from ..errors import VirnucError
+from ..errors import VirnucError, first_line
 from ..store.embeddings import finite_rows
 from .parts import failures_path, finished_frames, part_path, read_part, write_part
 
@@ -103,8 +103,7 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
         if _is_oom(batch_error):
             raise
         if _is_broken_device(batch_error):  # not the frames' fault: retrying them one by one would list them all
-            first_line = str(batch_error).strip().splitlines()[0] if str(batch_error).strip() else type(batch_error).__name__
-            raise DeviceFailure(f"{stage}: the GPU failed ({first_line}); this rank cannot use it again and stops. "
+            raise DeviceFailure(f"{stage}: the GPU failed ({first_line(batch_error)}); this rank cannot use it again and stops. "
                                 "Finished parts are kept: rerun the same command to resume") from batch_error
         log.warning("%s: a batch failed (%s); retrying its %d frames one at a time", stage, batch_error, len(ids))
     rows: list[np.ndarray | None] = []

@@ -77,8 +77,12 @@ def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, d
     return digest, facts
 
 
-def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, force: bool) -> None:
+def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, force: bool, has_parts: bool = True) -> bool:
+    """Refuse a folder whose finished parts belong to another setup (unless --force); record this
+    run's setup. Returns True when an earlier setup's manifest was replaced: it had no finished part
+    to lose (e.g. its run failed while loading a model that has been fixed since)."""
     path = Path(output_dir) / MANIFEST
+    replaced = False
     if path.exists() and not force:
         try:
             old = json.loads(path.read_text())
@@ -87,12 +91,15 @@ def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, for
         if old.get("fingerprint") != fingerprint:
             before, now = _without_model_paths(old.get("facts", {})), _without_model_paths(facts)
             changed = sorted(k for k in now if before.get(k) != now[k])
-            raise VirnucError(
-                f"{output_dir} holds a run with another {', '.join(changed) or 'setup'}; "
-                "use another --output-dir, or --force to discard its results"
-            )
-        if old.get("facts") == facts:
-            return
-        # the same models found at another path: the manifest records where they are now
+            if has_parts:
+                raise VirnucError(
+                    f"{output_dir} holds a run with another {', '.join(changed) or 'setup'}; "
+                    "use another --output-dir, or --force to discard its results"
+                )
+            replaced = True
+        elif old.get("facts") == facts:
+            return False
+        # else the same models found at another path: the manifest records where they are now
     with atomic_open(path) as fh:
         json.dump({"fingerprint": fingerprint, "facts": facts}, fh, indent=2)
+    return replaced

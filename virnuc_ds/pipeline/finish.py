@@ -51,6 +51,8 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     (or if it died) the parts are merged and classified here. settle_seconds: how long to look again
     for parts other nodes wrote (merge.PART_VISIBILITY_SECONDS in a run of several nodes)."""
     t0 = time.time()
+    for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # an earlier run's, maybe
+        (out / stale).unlink(missing_ok=True)  # of another classifier: none is better than those if this run fails
     failures = collect_failures(out)
     failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
     merged = background_merge.finish(failed_ids, settle_seconds) if background_merge is not None else None
@@ -61,8 +63,6 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     if cfg.models.classifier:
         log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
     else:
-        for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # from an earlier run
-            (out / stale).unlink(missing_ok=True)
         log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
     classify_s = merged["classify_busy_seconds"] if cfg.models.classifier else None
     report = {

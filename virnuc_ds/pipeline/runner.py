@@ -74,6 +74,30 @@ def apply_overrides(cfg: Config, args) -> Config:
     return cfg
 
 
+def check_classifier(cfg: Config) -> int | None:
+    """The classifier's input width, read before any GPU work (a bad checkpoint found only at the
+    run's end would have cost its whole GPU time); None without a classifier."""
+    if not cfg.models.classifier:
+        return None
+    from ..classify import pick_device
+    from ..classify.mlp import load_classifier
+
+    pick_device(cfg.classify.device)  # classify.device: cuda on a machine without one is an error now
+    name = Path(cfg.models.classifier).name
+    if name[:4] in ("300_", "500_") and int(name[:3]) != cfg.prepare.expected_length:
+        log.warning("%s looks like the classifier for %s-bp chunks, but the chunk length is %d (-m)",
+                    cfg.models.classifier, name[:3], cfg.prepare.expected_length)
+    return load_classifier(cfg.models.classifier, expected_input_dim=None).input_dim
+
+
+def _check_classifier_fits(cfg: Config, classifier_width: int | None, embedders) -> None:
+    """The classifier takes DNABERT-S's and ESM-2's widths together, checked once the models are known."""
+    _, _, esm_width, dna_width = embedders
+    if classifier_width is not None and classifier_width != dna_width + esm_width:
+        raise InputError(cfg.models.classifier, f"classifier takes {classifier_width} features but the models give "
+                         f"{dna_width + esm_width} (DNABERT-S {dna_width} + ESM-2 {esm_width})")
+
+
 class StopFlag:
     """SIGTERM/SIGINT set a flag; the rank stops after the part in flight (finished parts are kept).
 
@@ -114,7 +138,10 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
                      PREDICTION_PNG, HISTOGRAM_PNG):
             (out / name).unlink(missing_ok=True)
     new_manifest = not (out / MANIFEST).exists()
-    check_or_write_manifest(out, fingerprint, facts, force)
+    if check_or_write_manifest(out, fingerprint, facts, force, has_parts=any((out / PARTS_DIR).glob("part-*.h5"))):
+        log.info("%s: the earlier run here finished no part; starting afresh with this setup", out)
+        shutil.rmtree(out / PREP_DIR, ignore_errors=True)  # it may be another input's
+        new_manifest = True
     prep = out / PREP_DIR
     remove_stale_temporaries(out)
     remove_stale_temporaries(prep)
@@ -186,6 +213,7 @@ def _load_models_early(cfg: Config, args, placement, timings: dict) -> concurren
 def run(args) -> int:
     imports = _seconds_since_process_start()  # interpreter and imports
     cfg = apply_overrides(load_config(args.config), args)
+    classifier_width = check_classifier(cfg)
     t0 = time.time()
     placement = place_rank(force_cpu=args.cpu)
     timings: dict[str, float] = {"imports": imports}
@@ -279,6 +307,7 @@ def run(args) -> int:
         if todo:
             if embedders is None:
                 embedders = load_models()
+            _check_classifier_fits(cfg, classifier_width, embedders)
             timings["ready"] = _seconds_since_process_start()  # the first GPU batch starts now
             fail_ids = injected_fault_ids(cfg.run.fail_frames)
             totals: collections.Counter = collections.Counter()  # embed_part's seconds and counts, summed

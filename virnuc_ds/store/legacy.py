@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .embeddings import Embeddings
 
 DNABERT_S_DIM = 768
@@ -29,7 +29,7 @@ def _load(path: str | os.PathLike, keys: tuple[str, str]) -> dict:
         # weights_only: these files hold only lists, dicts, floats and tensors, so no code runs.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad pickle
-        raise InputError(path, f"not a readable torch file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise InputError(path, f"not a readable torch file ({first_line(exc)})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in keys):
         raise InputError(path, f"not an original VirNucPro file (expected a dict with keys {keys})")
     if len(obj[keys[0]]) != len(obj[keys[1]]):
