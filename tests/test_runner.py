@@ -478,3 +478,15 @@ def test_a_broken_gpu_stops_the_rank_instead_of_failing_every_frame(demo, one_ra
     monkeypatch.undo()
     assert run_cli(demo, out) == 0
     assert read_embeddings(out / "embeddings.h5").ids == read_embeddings(one_rank / "embeddings.h5").ids
+
+
+def test_a_finished_result_whose_parts_were_deleted_is_still_protected(demo, one_rank, tmp_path, capsys):
+    # the parts deleted to save space, embeddings.h5 kept: another input in that folder is still refused
+    out = tmp_path / "kept"
+    shutil.copytree(one_rank, out)
+    shutil.rmtree(out / PARTS_DIR)
+    other = tmp_path / "other.fa"
+    other.write_text(">x\n" + "ATG" * 120 + "\n")
+    assert run_cli(demo, out, input_path=other) == 1
+    assert "holds a run with another input_sha256" in capsys.readouterr().err
+    assert (out / "embeddings.h5").exists()

@@ -138,8 +138,9 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
                      PREDICTION_PNG, HISTOGRAM_PNG):
             (out / name).unlink(missing_ok=True)
     new_manifest = not (out / MANIFEST).exists()
-    if check_or_write_manifest(out, fingerprint, facts, force, has_parts=any((out / PARTS_DIR).glob("part-*.h5"))):
-        log.info("%s: the earlier run here finished no part; starting afresh with this setup", out)
+    finished_work = (out / EMBEDDINGS_H5).exists() or any((out / PARTS_DIR).glob("part-*.h5"))
+    if check_or_write_manifest(out, fingerprint, facts, force, has_parts=finished_work):
+        log.info("%s: the earlier run here finished nothing; starting afresh with this setup", out)
         shutil.rmtree(out / PREP_DIR, ignore_errors=True)  # it may be another input's
         new_manifest = True
     prep = out / PREP_DIR
