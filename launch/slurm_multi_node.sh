@@ -128,6 +128,12 @@ node_main() {
     local status=0
     wait_for "$launcher" || status=$?
     rm -f "$hostfile"
+    if (( status == 1 )) && [[ -n ${SLURM_STEP_ID:-} ]] && command -v scancel > /dev/null; then
+        # this node failed: the other nodes' ranks stop after the part in flight (exit 3) instead of
+        # computing on and then waiting for this node at the run's end until the collective timeout
+        echo "virnuc-ds: node $node failed: stopping the other nodes (resubmit to resume)" >&2
+        scancel --signal=USR1 "${SLURM_JOB_ID}.${SLURM_STEP_ID}" || true
+    fi
     return "$status"
 }
 
@@ -150,10 +156,9 @@ MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bi
 export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS
 
 echo "virnuc-ds: job ${SLURM_JOB_ID:-?}: ${#hosts[@]} node(s) (${NODE_HOSTS}) x $GPUS GPU(s), master $MASTER_ADDR:$MASTER_PORT; output $OUTPUT"
-# a node whose task fails (exit code 1) stops the step: the other nodes' ranks get SIGTERM, finish the part
-# in flight and exit 3, instead of computing on and then waiting at the run's end for the lost node
-# until run.collective_timeout_minutes
-srun_args=(--nodes="${#hosts[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1 --label)
+# not --kill-on-bad-exit=1: srun would end the step on any non-zero exit (3 too, a node that stopped on a
+# signal) and signal the launchers, which kill their ranks mid-part; node_main stops the others itself
+srun_args=(--nodes="${#hosts[@]}" --ntasks-per-node=1 --kill-on-bad-exit=0 --label)
 if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")   # srun no longer inherits it from sbatch
 fi

@@ -104,13 +104,18 @@ VIRNUC_DS = RECORD + r'''
 record("virnuc-ds")
 '''
 
+SCANCEL = RECORD + r'''
+record("scancel")
+'''
+
 
 @pytest.fixture
 def stubs(tmp_path):
     """A bin folder of stub executables, and the environment that puts it first on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", SCONTROL), ("deepspeed", DEEPSPEED), ("virnuc-ds", VIRNUC_DS)):
+    for name, body in (("srun", SRUN), ("scontrol", SCONTROL), ("deepspeed", DEEPSPEED), ("virnuc-ds", VIRNUC_DS),
+                       ("scancel", SCANCEL)):
         path = bin_dir / name
         path.write_text(f"#!{sys.executable}\n{body}")
         path.chmod(0o755)
@@ -207,6 +212,22 @@ def test_slurm_single_node_keeps_the_gpu_ids_slurm_gave(stubs):
 def test_slurm_single_node_passes_the_runner_exit_code(stubs):
     proc = run_script(stubs, "slurm_single_node.sh", SLURM_GPUS_ON_NODE="4", STUB_RC="2")
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("rc, stops_the_others", [(1, True), (3, False), (0, False)])
+def test_slurm_multi_node_a_failed_node_stops_the_others(stubs, rc, stops_the_others):
+    # exit code 1 (a failure) signals the step's other nodes to stop after their parts in flight; 3 (a
+    # node stopped on a signal, like all of them) and 0 do not
+    proc = run_script(stubs, "slurm_multi_node.sh", SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_JOB_NODELIST="gpu-a[01-02]",
+                      STUB_HOSTS="gpu-a01,gpu-a02", SLURM_GPUS_ON_NODE="4", STUB_RC=str(rc))
+    assert proc.returncode == rc, proc.stderr
+    assert "--kill-on-bad-exit=0" in calls(stubs, "srun")[0]["argv"]
+    cancels = calls(stubs, "scancel")
+    if stops_the_others:
+        assert cancels and all(c["argv"] == ["--signal=USR1", "77.0"] for c in cancels)
+        assert "failed: stopping the other nodes" in proc.stderr
+    else:
+        assert not cancels
 
 
 def test_slurm_multi_node_one_launcher_per_node_without_ssh(stubs):

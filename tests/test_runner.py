@@ -480,13 +480,48 @@ def test_a_broken_gpu_stops_the_rank_instead_of_failing_every_frame(demo, one_ra
     assert read_embeddings(out / "embeddings.h5").ids == read_embeddings(one_rank / "embeddings.h5").ids
 
 
-def test_a_finished_result_whose_parts_were_deleted_is_still_protected(demo, one_rank, tmp_path, capsys):
-    # the parts deleted to save space, embeddings.h5 kept: another input in that folder is still refused
+@pytest.mark.parametrize("deleted", [("parts",), ("parts", "embeddings.h5")])
+def test_a_finished_result_whose_bulk_was_deleted_is_still_protected(demo, one_rank, tmp_path, capsys, deleted):
+    # the parts (and the embeddings) deleted to save space, the predictions kept: another input in that
+    # folder is still refused, not taken over as a folder whose run finished nothing
     out = tmp_path / "kept"
     shutil.copytree(one_rank, out)
-    shutil.rmtree(out / PARTS_DIR)
+    for name in deleted:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    before = (out / "prediction_results.txt").read_bytes()
     other = tmp_path / "other.fa"
     other.write_text(">x\n" + "ATG" * 120 + "\n")
     assert run_cli(demo, out, input_path=other) == 1
     assert "holds a run with another input_sha256" in capsys.readouterr().err
-    assert (out / "embeddings.h5").exists()
+    assert (out / "prediction_results.txt").read_bytes() == before
+
+
+def test_a_run_begun_by_an_earlier_version_resumes(demo, one_rank, tmp_path, capsys):
+    """virnuc-ds until 2026-11-29 identified models by path and size: a folder it began, with the same
+    files at the same paths, resumes its parts (they carry its fingerprint) instead of being refused."""
+    import hashlib
+
+    from virnuc_ds.pipeline.fingerprint import MANIFEST
+
+    out = tmp_path / "earlier"
+    shutil.copytree(one_rank, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    facts = manifest["facts"]
+    esm2, dna = Path(facts["esm2"]["path"]), Path(facts["dnabert_s"]["path"])
+    facts["esm2"] = {"path": str(esm2), "size": esm2.stat().st_size}
+    facts["dnabert_s"] = {"path": str(dna), "files": {f.name: f.stat().st_size for f in sorted(dna.iterdir())
+                                                      if f.suffix in (".json", ".bin", ".safetensors")}}
+    earlier = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    (out / MANIFEST).write_text(json.dumps({"fingerprint": earlier, "facts": facts}))
+    parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+    for part in parts:
+        with h5py.File(part, "a") as f:
+            f.attrs["fingerprint"] = earlier
+    parts[0].unlink()  # the earlier version was stopped before this part
+    (out / "embeddings.h5").unlink()
+    capsys.readouterr()
+    assert run_cli(demo, out) == 0
+    assert "1 to compute" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["fingerprint"] == earlier
+    np.testing.assert_array_equal(read_embeddings(out / "embeddings.h5").features(),
+                                  read_embeddings(one_rank / "embeddings.h5").features())

@@ -144,6 +144,8 @@ def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu
         try:
             model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+                raise
             raise ConfigError(f"{path}: its weights do not fit the ESM-2 its own config describes "
                               f"({first_line(error)})") from None
     if regression_data is None:  # the contact head is never used; give it defined values

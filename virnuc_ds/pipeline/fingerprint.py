@@ -77,10 +77,36 @@ def run_fingerprint(input_digest: str, cfg, esm2_path: str, dnabert_path: str, d
     return digest, facts
 
 
-def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, force: bool, has_parts: bool = True) -> bool:
+def _same_as_earlier_identity(old_facts: dict, facts: dict) -> bool:
+    """A manifest written before models were identified by content (virnuc-ds until 2026-11-29) named
+    them by path and size: the same files at the same path, and every other fact equal, are the same
+    run, so its parts (which carry its fingerprint) resume."""
+    if any(old_facts.get(k) != facts.get(k) for k in facts if k not in MODEL_FACTS):
+        return False
+    for key in MODEL_FACTS:
+        old, path = old_facts.get(key, {}), Path(facts[key].get("path", ""))
+        if not isinstance(old, dict) or old.get("path") != str(path):
+            return False
+        if "size" in old:
+            if not path.is_file() or path.stat().st_size != old["size"]:
+                return False
+        elif isinstance(old.get("files"), dict) and path.is_dir():
+            sizes = {f.name: f.stat().st_size for f in path.iterdir()
+                     if f.is_file() and f.suffix in (".json", ".bin", ".safetensors")}
+            if sizes != old["files"]:
+                return False
+        else:
+            return False
+    return True
+
+
+def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, force: bool,
+                            has_parts: bool = True) -> tuple[str, bool]:
     """Refuse a folder whose finished parts belong to another setup (unless --force); record this
-    run's setup. Returns True when an earlier setup's manifest was replaced: it had no finished part
-    to lose (e.g. its run failed while loading a model that has been fixed since)."""
+    run's setup. Returns (the run's fingerprint, replaced): the folder's own where its manifest is of
+    an earlier virnuc-ds and describes this setup; replaced is True when an earlier setup's manifest
+    was replaced as it had no finished work to lose (e.g. its run failed while loading a model that
+    has been fixed since)."""
     path = Path(output_dir) / MANIFEST
     replaced = False
     if path.exists() and not force:
@@ -88,6 +114,9 @@ def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, for
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
+        if old.get("fingerprint") != fingerprint and old.get("fingerprint") \
+                and _same_as_earlier_identity(old.get("facts", {}), facts):
+            return old["fingerprint"], False
         if old.get("fingerprint") != fingerprint:
             before, now = _without_model_paths(old.get("facts", {})), _without_model_paths(facts)
             changed = sorted(k for k in now if before.get(k) != now[k])
@@ -98,8 +127,8 @@ def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, for
                 )
             replaced = True
         elif old.get("facts") == facts:
-            return False
+            return fingerprint, False
         # else the same models found at another path: the manifest records where they are now
     with atomic_open(path) as fh:
         json.dump({"fingerprint": fingerprint, "facts": facts}, fh, indent=2)
-    return replaced
+    return fingerprint, replaced

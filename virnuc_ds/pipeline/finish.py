@@ -26,6 +26,7 @@ log = logging.getLogger("virnuc_ds.run")
 
 REPORT = "run_report.json"
 FAILED_FILES = "failed_files.txt"
+RESULT_FILES = ("prediction_results.txt", "prediction_results_highestscore.csv")
 
 
 def collect_failures(out: Path) -> list[str]:
@@ -51,7 +52,7 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     (or if it died) the parts are merged and classified here. settle_seconds: how long to look again
     for parts other nodes wrote (merge.PART_VISIBILITY_SECONDS in a run of several nodes)."""
     t0 = time.time()
-    for stale in ("prediction_results.txt", "prediction_results_highestscore.csv"):  # an earlier run's, maybe
+    for stale in RESULT_FILES:  # an earlier run's, maybe
         (out / stale).unlink(missing_ok=True)  # of another classifier: none is better than those if this run fails
     failures = collect_failures(out)
     failed_ids = frozenset(line.split("|", 1)[0] for line in failures)

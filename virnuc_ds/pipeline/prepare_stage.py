@@ -108,6 +108,9 @@ class PrepareInBackground:
     def result(self) -> dict:
         try:
             return self._future.result()
+        except KeyboardInterrupt:  # told to stop at once while waiting (prepare itself ignores Ctrl-C)
+            self.abandon()
+            raise
         except BrokenProcessPool:
             raise PrepareProcessLost("prepare's process ended abruptly (killed, e.g. by the system for lack of memory); "
                                      "nothing of it is kept: rerun the same command") from None

@@ -38,7 +38,7 @@ from ..version import __version__
 from .distributed import join_ranks, place_rank
 from .embed_part import embed_part, injected_fault_ids, load_embedders
 from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fingerprint
-from .finish import FAILED_FILES, REPORT, finish_run, merge_attrs
+from .finish import FAILED_FILES, REPORT, RESULT_FILES, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, PART_VISIBILITY_SECONDS, BackgroundMerge
 from .output_lock import OutputFolderLock
@@ -134,12 +134,13 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
     if force:  # everything a run or its follow-up commands (plot) write, so nothing stale stays beside the new results
         for name in (PREP_DIR, PARTS_DIR, PROGRESS_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, "prediction_results.txt", "prediction_results_highestscore.csv",
-                     PREDICTION_PNG, HISTOGRAM_PNG):
+        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, *RESULT_FILES, PREDICTION_PNG, HISTOGRAM_PNG):
             (out / name).unlink(missing_ok=True)
     new_manifest = not (out / MANIFEST).exists()
-    finished_work = (out / EMBEDDINGS_H5).exists() or any((out / PARTS_DIR).glob("part-*.h5"))
-    if check_or_write_manifest(out, fingerprint, facts, force, has_parts=finished_work):
+    finished_work = any((out / name).exists() for name in (EMBEDDINGS_H5, REPORT, FAILED_FILES, *RESULT_FILES)) \
+        or any((out / PARTS_DIR).glob("part-*"))
+    fingerprint, replaced = check_or_write_manifest(out, fingerprint, facts, force, has_parts=finished_work)
+    if replaced:
         log.info("%s: the earlier run here finished nothing; starting afresh with this setup", out)
         shutil.rmtree(out / PREP_DIR, ignore_errors=True)  # it may be another input's
         new_manifest = True
