@@ -455,6 +455,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_leaves_it_alone(demo, on
         errors = [line for line in err.splitlines() if "error" in line]
         assert len(errors) == 1 and f"error: {out} is in use by another virnuc-ds run (pid {os.getpid()} on " in errors[0]
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # --force removed nothing
+        assert main(["merge", "-o", str(out), "-c", str(demo["config"])]) == 1  # nor a merge
+        assert "is in use by another virnuc-ds run" in capsys.readouterr().err
     finally:
         running.release()
     assert run_cli(demo, out) == 0  # free again: the run resumes

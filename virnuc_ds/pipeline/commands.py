@@ -18,6 +18,7 @@ def cmd_merge(args) -> int:
     from ..errors import InputError
     from ..pipeline.finish import finish_run
     from ..pipeline.merge import EMBEDDINGS_H5
+    from ..pipeline.output_lock import OutputFolderLock
     from ..run import PREP_DIR
     from ..pipeline.fingerprint import MANIFEST
     from ..pipeline.frames_table import read_frame_ids
@@ -36,12 +37,17 @@ def cmd_merge(args) -> int:
     frame_ids = read_frame_ids(out / PREP_DIR)
     report_path = out / "run_report.json"
     earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
-    finish_run(
-        cfg, out, frame_ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
-        facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"],
-        earlier.get("ranks", []),  # keep the run's own per-rank timings
-        earlier.get("prepare", {"fingerprint": facts["fingerprint"]}),
-    )
+    lock = OutputFolderLock(out)  # not while a run works in this folder
+    lock.acquire()
+    try:
+        finish_run(
+            cfg, out, frame_ids, facts["fingerprint"], facts["facts"].get("dtypes", {}),
+            facts["facts"]["esm2"]["path"], facts["facts"]["dnabert_s"]["path"],
+            earlier.get("ranks", []),  # keep the run's own per-rank timings
+            earlier.get("prepare", {"fingerprint": facts["fingerprint"]}),
+        )
+    finally:
+        lock.release()
     print(f"merged {len(frame_ids)} frames into {out / EMBEDDINGS_H5}")
     return 0
 
