@@ -140,6 +140,23 @@ def test_parts_slow_to_show_on_a_network_file_system_are_waited_for(demo, one_ra
     assert _results(one_rank) == _results(out)
 
 
+def test_a_failure_list_slow_to_show_counts_its_frames_as_failed_not_missing(demo, one_rank, tmp_path, monkeypatch):
+    from virnuc_ds.pipeline import merge
+    from virnuc_ds.pipeline.parts import failures_path
+
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    ids = read_frame_ids(out / "prep")
+    first = sorted((out / PARTS_DIR).glob("part-*.h5"))[0]
+    part = read_part(first)
+    gone = part["ids"][:2]  # another node's frames that failed: its part holds the others, its list names them
+    write_part(first, 0, part["frame_index"][2:], part["ids"][2:], part["dnabert_s"][2:], part["esm2"][2:], part["fingerprint"])
+    late = tmp_path / "late.failed.txt"
+    late.write_text("".join(f"{i}|esm2|RuntimeError: boom\n" for i in gone))
+    monkeypatch.setattr(merge.time, "sleep", lambda seconds: shutil.move(late, failures_path(out, 0)))
+    merge_parts(out, ids, fingerprint=part["fingerprint"], classifier_path=str(demo["classifier"]), settle_seconds=90)
+    assert read_embeddings(out / "embeddings.h5").ids == [i for i in ids if i not in gone]
+
+
 def test_a_part_with_nan_is_refused_naming_the_frame(demo, one_rank, tmp_path):
     out = _copy_without_results(one_rank, tmp_path / "o")
     parts = sorted((out / PARTS_DIR).glob("part-*.h5"))

@@ -20,7 +20,7 @@ from ..errors import IncompleteError
 from ..report import summarize
 from ..version import __version__
 from .merge import EMBEDDINGS_H5, merge_parts
-from .parts import PARTS_DIR, read_failure_lines
+from .parts import all_failure_lines, failed_ids_of
 
 log = logging.getLogger("virnuc_ds.run")
 
@@ -31,7 +31,7 @@ RESULT_FILES = ("prediction_results.txt", "prediction_results_highestscore.csv")
 
 def collect_failures(out: Path) -> list[str]:
     """Every part's failed frames, written to OUT/failed_files.txt (`item|stage|message`); removed when none."""
-    lines = [line for f in sorted((out / PARTS_DIR).glob("part-*.failed.txt")) for line in read_failure_lines(f)]
+    lines = all_failure_lines(out)
     if lines:
         with atomic_open(out / FAILED_FILES) as fh:
             fh.write("".join(line + "\n" for line in lines))
@@ -54,12 +54,13 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     t0 = time.time()
     for stale in RESULT_FILES:  # an earlier run's, maybe
         (out / stale).unlink(missing_ok=True)  # of another classifier: none is better than those if this run fails
-    failures = collect_failures(out)
-    failed_ids = frozenset(line.split("|", 1)[0] for line in failures)
+    failed_ids = failed_ids_of(collect_failures(out))
     merged = background_merge.finish(failed_ids, settle_seconds) if background_merge is not None else None
     if merged is None:
         merged = merge_parts(out, list(frame_ids), merge_attrs(esm2_path, dnabert_path, dtypes, fingerprint), fingerprint,
                              failed_ids, cfg.models.classifier, cfg.classify.device, settle_seconds)
+    if settle_seconds:  # the merge may have seen failure lists of other nodes that showed up late
+        failed_ids = failed_ids_of(collect_failures(out))
     merge_s = time.time() - t0  # the wait for the merge after the last part (the whole merge without a background one)
     if cfg.models.classifier:
         log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")

@@ -27,7 +27,7 @@ from ..atomic import durable_rename, temporary_path
 from ..errors import EXIT_FAILURE, IncompleteError, VirnucError, ignore_interrupts
 from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING, finite_rows
 from ..version import __version__
-from .parts import PARTS_DIR, read_part
+from .parts import PARTS_DIR, all_failure_lines, failed_ids_of, read_part
 
 log = logging.getLogger("virnuc_ds.run")
 
@@ -171,10 +171,11 @@ class MergeWriter:
         listed_failed = np.array([i in failed_ids for i in self.frame_ids], dtype=bool) if failed_ids else np.zeros(n, dtype=bool)
         return np.flatnonzero((self.filled == 0) & ~listed_failed)
 
-    def add_last_parts(self, failed_ids: frozenset[str] = frozenset(), settle_seconds: float = 0.0) -> None:
-        """The last scan, once every rank is done. On a network file system (NFS caches a folder's
-        listing for up to a minute), a part another node renamed into place moments ago may not be
-        listed here yet: with settle_seconds, look again every few seconds while frames are missing."""
+    def add_last_parts(self, failed_ids: frozenset[str] = frozenset(), settle_seconds: float = 0.0) -> frozenset[str]:
+        """The last scan, once every rank is done; returns the failed frames' ids. On a network file
+        system (NFS caches a folder's listing for up to a minute), a part or failure list another node
+        renamed into place moments ago may not be listed here yet: with settle_seconds, look again
+        every few seconds while frames are missing."""
         self.add_new_parts()
         deadline = time.monotonic() + settle_seconds
         while len(self.missing_frames(failed_ids)) and time.monotonic() < deadline:
@@ -182,6 +183,8 @@ class MergeWriter:
                      "may take a while to show on a network file system)", len(self.missing_frames(failed_ids)))
             time.sleep(SETTLE_POLL_SECONDS)
             self.add_new_parts()
+            failed_ids = failed_ids | failed_ids_of(all_failure_lines(self.out))
+        return failed_ids
 
     def finish(self, failed_ids: frozenset[str] = frozenset()) -> dict:
         """Check completeness, put embeddings.h5 (and the result files) in place; returns stats."""
@@ -251,8 +254,7 @@ def merge_parts(output_dir, frame_ids, attrs=None, fingerprint=None, failed_ids=
     """Merge (and classify) every part now, in this process: `virnuc-ds merge`, and the fallback."""
     writer = MergeWriter(output_dir, frame_ids, fingerprint, attrs, classifier_path, classify_device)
     try:
-        writer.add_last_parts(failed_ids, settle_seconds)
-        return writer.finish(failed_ids)
+        return writer.finish(writer.add_last_parts(failed_ids, settle_seconds))
     finally:
         writer.discard()
 
@@ -275,7 +277,7 @@ def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, cl
             if parent is not None and not parent.is_alive():
                 return  # rank 0 is gone: nothing to finish
         failed_ids, settle_seconds = conn.recv()
-        writer.add_last_parts(failed_ids, settle_seconds)  # the parts written before rank 0 said stop
+        failed_ids = writer.add_last_parts(failed_ids, settle_seconds)  # the parts written before rank 0 said stop
         conn.send(("ok", writer.finish(failed_ids)))
     except BaseException as exc:  # noqa: BLE001 - handed to rank 0, which reports it
         conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))

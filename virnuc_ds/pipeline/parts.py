@@ -110,6 +110,15 @@ def read_failure_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def all_failure_lines(output_dir: str | os.PathLike) -> list[str]:
+    """Every part's failed frames (`item|stage|message`), in part order."""
+    return [line for f in sorted((Path(output_dir) / PARTS_DIR).glob("part-*.failed.txt")) for line in read_failure_lines(f)]
+
+
+def failed_ids_of(lines: list[str]) -> frozenset[str]:
+    return frozenset(line.split("|", 1)[0] for line in lines)
+
+
 def finished_frames(path: Path, fingerprint: str) -> np.ndarray | None:
     """Frame indices a part file already holds, if it is this run's (reads no embeddings)."""
     if not path.exists():
