@@ -33,6 +33,11 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError, or another error saying so (a cuBLAS or cuDNN allocation)."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
 class VirnucError(Exception):
     """An error the user can act on; its message is printed as one line."""
 

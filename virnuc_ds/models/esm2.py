@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from esm.pretrained import load_model_and_alphabet_core
 
-from virnuc_ds.errors import ConfigError, ModelNotFoundError, first_line
+from virnuc_ds.errors import ConfigError, ModelNotFoundError, first_line, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def load_esm2(path_or_name: str | os.PathLike, device: str | torch.device = "cpu
         try:
             model, alphabet = load_model_and_alphabet_core(model_name, model_data, regression_data)
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
-            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+            if is_out_of_memory(error):
                 raise
             raise ConfigError(f"{path}: its weights do not fit the ESM-2 its own config describes "
                               f"({first_line(error)})") from None

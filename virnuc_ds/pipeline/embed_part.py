@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_open
-from ..errors import VirnucError, first_line
+from ..errors import VirnucError, first_line, is_out_of_memory
 from ..store.embeddings import finite_rows
 from .parts import failures_path, finished_frames, part_path, read_part, write_part
 
@@ -58,14 +58,10 @@ def injected_fault_ids(config_ids: Sequence[str]) -> frozenset[str]:
     return frozenset(config_ids) | frozenset(x.strip() for x in env.split(",") if x.strip())
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def _is_broken_device(exc: BaseException) -> bool:
     """A CUDA error other than out-of-memory (an illegal address, a device-side assert, an ECC error):
     the process's CUDA context is unusable from then on, so every later frame would "fail" too."""
-    if _is_oom(exc):
+    if is_out_of_memory(exc):
         return False
     return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
 
@@ -80,7 +76,7 @@ def embed_with_oom_retry(embedder, sequences: list[str], stage: str) -> np.ndarr
         try:
             return embedder.embed(sequences).numpy()
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_oom(exc) or embedder.toks_per_batch <= MIN_TOKS_PER_BATCH:
+            if not is_out_of_memory(exc) or embedder.toks_per_batch <= MIN_TOKS_PER_BATCH:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -100,7 +96,7 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
     try:
         return run(ids, sequences), []
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing frames below
-        if _is_oom(batch_error):
+        if is_out_of_memory(batch_error):
             raise
         if _is_broken_device(batch_error):  # not the frames' fault: retrying them one by one would list them all
             raise DeviceFailure(f"{stage}: the GPU failed ({first_line(batch_error)}); this rank cannot use it again and stops. "
@@ -112,7 +108,7 @@ def embed_stage(embedder, stage: str, ids: list[str], sequences: list[str], fail
         try:
             rows.append(run([rid], [seq])[0])
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise
             failures.append(FrameFailure(rid, stage, f"{type(exc).__name__}: {exc}"))
             rows.append(None)

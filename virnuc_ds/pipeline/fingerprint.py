@@ -17,6 +17,8 @@ from .shard import PART_LAYOUT
 
 MANIFEST = "run_manifest.json"
 MODEL_FACTS = ("esm2", "dnabert_s")
+MODEL_FILE_SUFFIXES = (".json", ".bin", ".safetensors", ".txt")  # the files of a model folder that are identified
+EARLIER_MODEL_FILE_SUFFIXES = (".json", ".bin", ".safetensors")  # those virnuc-ds until 2026-11-29 listed
 
 
 def file_digest(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -46,7 +48,7 @@ def model_identity(path: str) -> dict:
     copied elsewhere (e.g. to a node's scratch disk in each job of a resumed run) resume the run."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".bin", ".safetensors", ".txt"))
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES)
         return {"path": str(p), "files": {f.name: content_sample_digest(f) for f in files}}
     if p.exists():
         return {"path": str(p), "content": content_sample_digest(p)}
@@ -92,7 +94,7 @@ def _same_as_earlier_identity(old_facts: dict, facts: dict) -> bool:
                 return False
         elif isinstance(old.get("files"), dict) and path.is_dir():
             sizes = {f.name: f.stat().st_size for f in path.iterdir()
-                     if f.is_file() and f.suffix in (".json", ".bin", ".safetensors")}
+                     if f.is_file() and f.suffix in EARLIER_MODEL_FILE_SUFFIXES}
             if sizes != old["files"]:
                 return False
         else:
@@ -101,8 +103,8 @@ def _same_as_earlier_identity(old_facts: dict, facts: dict) -> bool:
 
 
 def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, force: bool,
-                            has_parts: bool = True) -> tuple[str, bool]:
-    """Refuse a folder whose finished parts belong to another setup (unless --force); record this
+                            has_results: bool = True) -> tuple[str, bool]:
+    """Refuse a folder whose results (parts or more) belong to another setup (unless --force); record this
     run's setup. Returns (the run's fingerprint, replaced): the folder's own where its manifest is of
     an earlier virnuc-ds and describes this setup; replaced is True when an earlier setup's manifest
     was replaced as it had no finished work to lose (e.g. its run failed while loading a model that
@@ -114,13 +116,12 @@ def check_or_write_manifest(output_dir: Path, fingerprint: str, facts: dict, for
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-        if old.get("fingerprint") != fingerprint and old.get("fingerprint") \
-                and _same_as_earlier_identity(old.get("facts", {}), facts):
-            return old["fingerprint"], False
         if old.get("fingerprint") != fingerprint:
+            if old.get("fingerprint") and _same_as_earlier_identity(old.get("facts", {}), facts):
+                return old["fingerprint"], False
             before, now = _without_model_paths(old.get("facts", {})), _without_model_paths(facts)
             changed = sorted(k for k in now if before.get(k) != now[k])
-            if has_parts:
+            if has_results:
                 raise VirnucError(
                     f"{output_dir} holds a run with another {', '.join(changed) or 'setup'}; "
                     "use another --output-dir, or --force to discard its results"

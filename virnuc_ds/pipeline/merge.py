@@ -178,9 +178,9 @@ class MergeWriter:
         every few seconds while frames are missing."""
         self.add_new_parts()
         deadline = time.monotonic() + settle_seconds
-        while len(self.missing_frames(failed_ids)) and time.monotonic() < deadline:
+        while (missing := len(self.missing_frames(failed_ids))) and time.monotonic() < deadline:
             log.info("%d frames not in the parts listed yet: looking again (parts written on other nodes "
-                     "may take a while to show on a network file system)", len(self.missing_frames(failed_ids)))
+                     "may take a while to show on a network file system)", missing)
             time.sleep(SETTLE_POLL_SECONDS)
             self.add_new_parts()
             failed_ids = failed_ids | failed_ids_of(all_failure_lines(self.out))

@@ -48,6 +48,8 @@ from .shard import assign_parts, plan_parts
 
 log = logging.getLogger("virnuc_ds.run")
 
+RUN_RESULTS = (EMBEDDINGS_H5, REPORT, FAILED_FILES, *RESULT_FILES)  # beside OUT/parts/: what a run finished
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -134,12 +136,11 @@ def _check_output_folder(cfg: Config, input_path: Path, out: Path, force: bool, 
     if force:  # everything a run or its follow-up commands (plot) write, so nothing stale stays beside the new results
         for name in (PREP_DIR, PARTS_DIR, PROGRESS_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST, EMBEDDINGS_H5, REPORT, FAILED_FILES, *RESULT_FILES, PREDICTION_PNG, HISTOGRAM_PNG):
+        for name in (MANIFEST, *RUN_RESULTS, PREDICTION_PNG, HISTOGRAM_PNG):
             (out / name).unlink(missing_ok=True)
     new_manifest = not (out / MANIFEST).exists()
-    finished_work = any((out / name).exists() for name in (EMBEDDINGS_H5, REPORT, FAILED_FILES, *RESULT_FILES)) \
-        or any((out / PARTS_DIR).glob("part-*"))
-    fingerprint, replaced = check_or_write_manifest(out, fingerprint, facts, force, has_parts=finished_work)
+    finished_work = any((out / name).exists() for name in RUN_RESULTS) or any((out / PARTS_DIR).glob("part-*"))
+    fingerprint, replaced = check_or_write_manifest(out, fingerprint, facts, force, has_results=finished_work)
     if replaced:
         log.info("%s: the earlier run here finished nothing; starting afresh with this setup", out)
         shutil.rmtree(out / PREP_DIR, ignore_errors=True)  # it may be another input's
