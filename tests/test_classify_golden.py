@@ -137,3 +137,33 @@ def test_pickles_naming_other_torch_classes_load_but_foreign_code_is_refused(tmp
         pickle.dump(Evil(), fh)
     with pytest.raises(InputError, match="not a VirNucPro classifier checkpoint"):
         load_classifier(tmp_path / "evil.pth")
+
+
+def test_a_tie_is_others_per_frame_and_virus_per_sequence():
+    """DESIGN: a frame whose two scores are equal is `others`; a sequence whose best score2 equals its
+    best score1 is Is_Virus True (max(score2) >= max(score1))."""
+    from virnuc_ds.classify.predict import highest_score_table, prediction_line
+
+    tie = np.array([0.5, 0.5], dtype=np.float32)
+    assert prediction_line("s_chunk_1F1", tie).split("\t")[1] == "others"
+    assert prediction_line("s_chunk_1F1", np.array([0.5, 0.50000006], dtype=np.float32)).split("\t")[1] == "virus"
+    probabilities = np.array([[0.7, 0.3], [0.4, 0.7], [0.5, 0.5]], dtype=np.float32)
+    ids = ["a_chunk_1F1", "a_chunk_1R2", "b_chunk_1F1"]
+    assert highest_score_table(ids, probabilities) == [("a_chunk_1", True), ("b_chunk_1", True)]
+
+
+def test_legacy_files_listing_frames_in_different_orders_are_joined_by_id(golden, tmp_path):
+    """The original's two embedding files need not list frames in the same order: the import joins
+    them by id, so a shuffled ESM file gives the same store."""
+    p = golden / "predict"
+    esm = torch.load(p / "output_1_ESM.pt", map_location="cpu", weights_only=True)
+    order = list(reversed(range(len(esm["proteins"]))))
+    torch.save({"proteins": [esm["proteins"][k] for k in order], "data": [esm["data"][k] for k in order]},
+               tmp_path / "shuffled_ESM.pt")
+    for name, esm_file in (("a.h5", p / "output_1_ESM.pt"), ("b.h5", tmp_path / "shuffled_ESM.pt")):
+        assert main(["import-legacy", "--dnabert", str(p / "output_1_DNABERT_S.pt"), "--esm", str(esm_file),
+                     "-o", str(tmp_path / name)]) == 0
+    a, b = read_embeddings(tmp_path / "a.h5"), read_embeddings(tmp_path / "b.h5")
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.features(), b.features())
+    np.testing.assert_array_equal(a.features(), read_legacy_merged(p / "output_1_merged.pt").features())

@@ -22,6 +22,14 @@ def _results(folder):
     return {name: (folder / name).read_bytes() for name in ("prediction_results.txt", "prediction_results_highestscore.csv")}
 
 
+def _classified_apart(embeddings, classifier, dest):
+    """The result files `virnuc-ds classify` writes for an embeddings file: the path the golden files check."""
+    from virnuc_ds.cli import main
+
+    assert main(["classify", "-e", str(embeddings), "-p", str(classifier), "-o", str(dest), "--device", "cpu"]) == 0
+    return _results(dest)
+
+
 def _copy_without_results(one_rank, dest):
     shutil.copytree(one_rank, dest)
     for name in ("embeddings.h5", "prediction_results.txt", "prediction_results_highestscore.csv"):
@@ -46,6 +54,8 @@ def test_background_and_serial_merge_write_the_same_results(demo, one_rank, tmp_
     np.testing.assert_array_equal(a.dnabert_s, b.dnabert_s)
     np.testing.assert_array_equal(a.esm2, b.esm2)
     assert _results(one_rank) == _results(out)
+    # the run classifies its features as `virnuc-ds classify` does (DNABERT-S first, then ESM-2)
+    assert _results(one_rank) == _classified_apart(one_rank / "embeddings.h5", demo["classifier"], tmp_path / "apart")
 
 
 def test_parts_merged_as_they_land_equal_a_merge_at_the_end(demo, one_rank, tmp_path):
@@ -99,16 +109,23 @@ def test_a_part_rewritten_during_the_merge_replaces_its_rows(demo, one_rank, tmp
 
 
 def test_failed_frames_are_left_out_and_missing_ones_are_an_error(demo, one_rank, tmp_path):
+    """Every frame of one sequence failed, and one frame of another: the sequence is in neither result
+    file, and both files equal `virnuc-ds classify` on the embeddings of the frames that succeeded."""
     out = _copy_without_results(one_rank, tmp_path / "o")
     ids = read_frame_ids(out / "prep")
     parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
-    part = read_part(parts[0])
-    gone = part["ids"][:2]
-    write_part(parts[0], 0, part["frame_index"][2:], part["ids"][2:], part["dnabert_s"][2:], part["esm2"][2:], part["fingerprint"])
-    with pytest.raises(IncompleteError, match="2 of .* frames have no embeddings"):
-        merge_parts(out, ids, fingerprint=part["fingerprint"])
+    first = read_part(parts[0])
+    whole = first["ids"][0][:-2]  # a sequence (Modified_ID) whose every frame fails
+    gone = [i for i in ids if i[:-2] == whole] + [next(i for i in first["ids"] if i[:-2] != whole)]
+    for path in parts:
+        part = read_part(path)
+        kept = np.array([i not in gone for i in part["ids"]])
+        write_part(path, int(path.stem.split("-")[1]), part["frame_index"][kept], [i for i, k in zip(part["ids"], kept) if k],
+                   part["dnabert_s"][kept], part["esm2"][kept], part["fingerprint"])
+    with pytest.raises(IncompleteError, match=f"{len(gone)} of .* frames have no embeddings"):
+        merge_parts(out, ids, fingerprint=first["fingerprint"])
     assert not (out / "embeddings.h5").exists() and not list(out.glob(".*.tmp"))
-    merge_parts(out, ids, fingerprint=part["fingerprint"], failed_ids=frozenset(gone), classifier_path=str(demo["classifier"]))
+    merge_parts(out, ids, fingerprint=first["fingerprint"], failed_ids=frozenset(gone), classifier_path=str(demo["classifier"]))
     emb = read_embeddings(out / "embeddings.h5")
     full = read_embeddings(one_rank / "embeddings.h5")
     assert emb.ids == [i for i in ids if i not in gone]
@@ -116,6 +133,9 @@ def test_failed_frames_are_left_out_and_missing_ones_are_an_error(demo, one_rank
     np.testing.assert_array_equal(emb.features(), full.features()[keep])
     rows = (out / "prediction_results.txt").read_text().splitlines()[1:]
     assert [r.split("\t")[0] for r in rows] == emb.ids
+    sequences = [r.split("\t")[0] for r in (out / "prediction_results_highestscore.csv").read_text().splitlines()[1:]]
+    assert whole not in sequences and len(sequences) == len({i[:-2] for i in emb.ids})
+    assert _results(out) == _classified_apart(out / "embeddings.h5", demo["classifier"], tmp_path / "apart")
 
 
 def test_parts_slow_to_show_on_a_network_file_system_are_waited_for(demo, one_rank, tmp_path, monkeypatch):
@@ -165,6 +185,26 @@ def test_a_part_with_nan_is_refused_naming_the_frame(demo, one_rank, tmp_path):
     write_part(parts[0], 0, part["frame_index"], part["ids"], part["dnabert_s"], part["esm2"], part["fingerprint"])
     with pytest.raises(IncompleteError, match=part["ids"][3]):
         merge_parts(out, read_frame_ids(out / "prep"), fingerprint=part["fingerprint"])
+
+
+def test_a_frame_in_two_parts_or_a_part_naming_other_frames_is_refused(demo, one_rank, tmp_path):
+    """A part's ids must be the prepared frames at its frame indices, and each frame in one part only."""
+    for case in ("duplicate", "ids"):
+        out = _copy_without_results(one_rank, tmp_path / case)
+        parts = sorted((out / PARTS_DIR).glob("part-*.h5"))
+        a, b = read_part(parts[0]), read_part(parts[1])
+        if case == "duplicate":  # part 1 also holds part 0's first frame
+            write_part(parts[1], 1, np.concatenate([b["frame_index"], a["frame_index"][:1]]), b["ids"] + a["ids"][:1],
+                       np.concatenate([b["dnabert_s"], a["dnabert_s"][:1]]), np.concatenate([b["esm2"], a["esm2"][:1]]),
+                       b["fingerprint"])
+            expected = f"1 frames appear in several parts .*{a['ids'][0]}"
+        else:  # two frames' ids swapped against their rows
+            ids = [a["ids"][1], a["ids"][0]] + a["ids"][2:]
+            write_part(parts[0], 0, a["frame_index"], ids, a["dnabert_s"], a["esm2"], a["fingerprint"])
+            expected = "ids do not match the prepared frames"
+        with pytest.raises(IncompleteError, match=expected):
+            merge_parts(out, read_frame_ids(out / "prep"), fingerprint=a["fingerprint"])
+        assert not (out / "embeddings.h5").exists()
 
 
 def test_embeddings_file_is_plain_hdf5(one_rank):

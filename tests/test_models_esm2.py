@@ -182,6 +182,10 @@ def test_deepspeed_wrapper_gives_the_same_result(checkpoint, proteins, reference
     engine = deepspeed_inference_engine(model, torch.float32)
     assert type(engine).__name__ == "InferenceEngine"  # DeepSpeed's CPU accelerator works here
     model, alphabet = load_esm2(checkpoint)
+    wrapped = Esm2Embedder(model, alphabet, use_deepspeed=True)
+    assert type(wrapped.encoder.runner).__name__ == "InferenceEngine"  # the forward goes through DeepSpeed
+    assert (wrapped.embed(proteins) - reference).abs().max() <= 1e-5
+    model, alphabet = load_esm2(checkpoint)
     plain = Esm2Embedder(model, alphabet, use_deepspeed=False).embed(proteins)
     assert (plain - reference).abs().max() <= 1e-5
 

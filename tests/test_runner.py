@@ -73,9 +73,14 @@ def test_two_ranks_under_the_deepspeed_launcher_match_one_rank(demo, one_rank, t
     labels = lambda p: [r.split("\t")[:2] for r in (p / "prediction_results.txt").read_text().splitlines()]
     assert labels(one_rank) == labels(out)
     assert (one_rank / "prediction_results_highestscore.csv").read_text() == (out / "prediction_results_highestscore.csv").read_text()
-    assert "rank1" in proc.stdout + proc.stderr  # both ranks worked
-    # a fresh distributed run's ranks load their models while the process group forms
+    # the ranks split the parts: each part computed by exactly one rank, both ranks busy
     ranks = json.loads((out / "run_report.json").read_text())["ranks"]
+    assert len(ranks) == 2 and all(r["parts_computed"] for r in ranks)
+    by_rank = [set(r["parts_computed"]) for r in ranks]
+    assert not by_rank[0] & by_rank[1]
+    assert by_rank[0] | by_rank[1] == {int(p.stem.split("-")[1]) for p in (out / PARTS_DIR).glob("part-*.h5")}
+    assert sum(r["esm2_tokens"] for r in ranks) == json.loads((one_rank / "run_report.json").read_text())["ranks"][0]["esm2_tokens"]
+    # a fresh distributed run's ranks load their models while the process group forms
     assert all("model_load_wait" in r and r["model_load"] > 0 for r in ranks)
 
 
@@ -83,8 +88,23 @@ def test_batch_budget_does_not_change_results(demo, one_rank, tmp_path):
     out = tmp_path / "small_batches"
     assert run_cli(demo, out, "--esm-batch-tokens", "1024", "--dnabert-batch-tokens", "1024") == 0
     a, b = read_embeddings(one_rank / "embeddings.h5"), read_embeddings(out / "embeddings.h5")
+    assert a.ids == b.ids
     assert cosine_rows(a.esm2, b.esm2).min() >= 0.99999
     assert cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.99999
+    labels = lambda p: [r.split("\t")[:2] for r in (p / "prediction_results.txt").read_text().splitlines()]
+    assert labels(one_rank) == labels(out)
+    highest = "prediction_results_highestscore.csv"
+    assert (one_rank / highest).read_text() == (out / highest).read_text()
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 0), torch.float16)])
+def test_auto_dtype_is_bf16_from_ampere_on_fp16_before_and_fp32_on_cpu(monkeypatch, capability, expected):
+    from virnuc_ds.pipeline.runner import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("fp32", torch.device("cuda", 0)) == torch.float32
 
 
 def test_resume_skips_finished_parts_and_force_recomputes(demo, one_rank, tmp_path, capsys):

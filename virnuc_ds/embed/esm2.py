@@ -91,6 +91,7 @@ def eager_encoder(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.d
     def encode(tokens: torch.Tensor) -> torch.Tensor:
         return runner(tokens, repr_layers=[last_layer])["representations"][last_layer]
 
+    encode.runner = runner  # what runs the forward: DeepSpeed's InferenceEngine or the plain model
     return encode
 
 

@@ -299,6 +299,7 @@ def run(args) -> int:
         mine = assign_parts(parts, ctx.world_size)[ctx.rank]
         todo = [p for p in mine if not part_is_complete(out, p.index, p.frames, fingerprint)]
         timings["plan"] = time.time() - t0
+        timings["parts_computed"] = [p.index for p in todo]  # which parts this rank embeds (run_report.json)
         log.info("%d frames in %d parts; this rank: %d parts, %d to compute", len(frames), len(parts), len(mine), len(todo))
         progress = ProgressReporter(out, ctx.rank, ctx.world_size,
                                     total_frames=sum(len(p.frames) for p in todo), total_parts=len(todo))
