@@ -28,8 +28,9 @@
 # with code 3; submit the same script again to resume. Stop early, keeping the work:
 #   scancel --batch --signal=TERM <jobid>
 #
-# Exit code: the highest of the ranks' (srun's rule): 0 done, 1 failure, 2 incomplete result,
-# 3 stopped by a signal (resubmit to resume).
+# Exit code: 1 when any node failed (its ranks' exit 1, or a rank killed; the other nodes are then
+# stopped after their part in flight); else the highest of the nodes' (srun's rule): 0 done,
+# 2 incomplete result, 3 stopped by a signal (resubmit to resume).
 #
 #SBATCH --job-name=virnuc-ds
 #SBATCH --nodes=2
@@ -128,11 +129,17 @@ node_main() {
     local status=0
     wait_for "$launcher" || status=$?
     rm -f "$hostfile"
-    if (( status == 1 )) && [[ -n ${SLURM_STEP_ID:-} ]] && command -v scancel > /dev/null; then
-        # this node failed: the other nodes' ranks stop after the part in flight (exit 3) instead of
-        # computing on and then waiting for this node at the run's end until the collective timeout
-        echo "virnuc-ds: node $node failed: stopping the other nodes (resubmit to resume)" >&2
-        scancel --signal=USR1 "${SLURM_JOB_ID}.${SLURM_STEP_ID}" || true
+    if (( status != 0 && status != 2 && status != 3 )); then
+        # this node failed (1; or a rank killed, e.g. by the host's out-of-memory killer: the launcher
+        # exits 247). Recorded for the job's exit code: the other nodes, stopped, exit 3, and srun
+        # reports the highest code. They stop after the part in flight instead of computing on and
+        # then waiting for this node at the run's end until the collective timeout.
+        mkdir -p "$FAILED_NODES"
+        echo "node $node ($(hostname)) failed with exit code $status" > "$FAILED_NODES/$node"
+        if [[ -n ${SLURM_STEP_ID:-} ]] && command -v scancel > /dev/null; then
+            echo "virnuc-ds: node $node failed (exit code $status): stopping the other nodes" >&2
+            scancel --signal=USR1 "${SLURM_JOB_ID}.${SLURM_STEP_ID}" || true
+        fi
     fi
     return "$status"
 }
@@ -153,7 +160,10 @@ NODE_HOSTS="${hosts[*]}"
 MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
 # this script runs on the first node, where rank 0 will listen
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS
+# nodes that failed leave a line here (OUTPUT is on a file system every node sees)
+FAILED_NODES="$OUTPUT/.virnuc-ds.failed-nodes.${SLURM_JOB_ID:-0}"
+rm -rf "$FAILED_NODES"
+export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS FAILED_NODES
 
 echo "virnuc-ds: job ${SLURM_JOB_ID:-?}: ${#hosts[@]} node(s) (${NODE_HOSTS}) x $GPUS GPU(s), master $MASTER_ADDR:$MASTER_PORT; output $OUTPUT"
 # not --kill-on-bad-exit=1: srun would end the step on any non-zero exit (3 too, a node that stopped on a
@@ -168,5 +178,10 @@ srun_pid=$!
 trap 'echo "virnuc-ds: SIGTERM: the ranks stop after the part in flight; resubmit to resume" >&2; kill -USR1 "$srun_pid"' TERM
 status=0
 wait_for "$srun_pid" || status=$?
+if [[ -d $FAILED_NODES ]]; then  # a failure, whatever the stopped nodes' exit 3 made of srun's code
+    cat "$FAILED_NODES"/* >&2 2>/dev/null || true
+    rm -rf "$FAILED_NODES"
+    status=1
+fi
 echo "virnuc-ds: exit code $status"
 exit "$status"

@@ -294,3 +294,19 @@ def test_import_legacy_of_an_empty_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "empty.pt: not a readable torch file (EOFError" in err
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("entry", ["virnuc_ds.cli", "virnuc_ds.run"])
+def test_a_signal_after_the_outcome_is_decided_does_not_change_the_exit_code(tmp_path, entry):
+    """A repeated SIGTERM or Ctrl-C during the interpreter's teardown: the exit code stays the run's."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["report", str(tmp_path / "none")] if entry == "virnuc_ds.cli" else ["-i", str(tmp_path / "none.fa"), "-o", str(tmp_path / "o")]
+    code = (f"import os, signal, sys; sys.argv = ['prog', *{args!r}]; from {entry} import main; code = main(); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); sys.exit(code)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error:" in proc.stderr

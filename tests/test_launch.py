@@ -84,7 +84,7 @@ if role == "runner":
         hostfile = open(sys.argv[sys.argv.index("--hostfile") + 1]).read()
     record("deepspeed", hostfile=hostfile)
     if os.environ.get("STUB_RANKS") != "1":
-        sys.exit(int(os.environ.get("STUB_RC", "0")))
+        sys.exit(int(os.environ.get(f"STUB_RC_NODE{node}", os.environ.get("STUB_RC", "0"))))
     child("deepspeed.launcher.launch")
 elif role == "deepspeed.launcher.launch":
     signal.signal(signal.SIGTERM, lambda *a: open(os.path.join(marks, f"launch{node}.term"), "w").close())
@@ -92,6 +92,10 @@ elif role == "deepspeed.launcher.launch":
 else:
     def stop(signum, frame):
         open(os.path.join(marks, f"rank{node}.term"), "w").close()
+        if os.environ.get("STUB_PART_IN_FLIGHT") == "1":  # the part ends when the test says so
+            while not os.path.exists(os.path.join(marks, "release")):
+                time.sleep(0.02)
+            open(os.path.join(marks, f"rank{node}.finished"), "w").close()
         sys.exit(3)
     signal.signal(signal.SIGTERM, stop)
     open(os.path.join(marks, f"rank{node}.started"), "w").close()
@@ -214,20 +218,30 @@ def test_slurm_single_node_passes_the_runner_exit_code(stubs):
     assert proc.returncode == 2
 
 
-@pytest.mark.parametrize("rc, stops_the_others", [(1, True), (3, False), (0, False)])
-def test_slurm_multi_node_a_failed_node_stops_the_others(stubs, rc, stops_the_others):
-    # exit code 1 (a failure) signals the step's other nodes to stop after their parts in flight; 3 (a
-    # node stopped on a signal, like all of them) and 0 do not
+@pytest.mark.parametrize("codes, stops_the_others, job_code", [
+    ((1, 1), True, 1),
+    ((3, 1), True, 1),  # node 1 failed and node 0 was stopped (3): still a failure, not "resubmit"
+    ((3, 247), True, 1),  # a rank of node 1 killed (its launcher exits -9)
+    ((3, 3), False, 3),  # stopped on a signal, like all of them
+    ((2, 2), False, 2),
+    ((0, 0), False, 0),
+])
+def test_slurm_multi_node_a_failed_node_stops_the_others(stubs, codes, stops_the_others, job_code):
+    # a node that fails signals the step's other nodes to stop after their parts in flight, and the
+    # job's exit code says failure whatever the stopped nodes return
     proc = run_script(stubs, "slurm_multi_node.sh", SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_JOB_NODELIST="gpu-a[01-02]",
-                      STUB_HOSTS="gpu-a01,gpu-a02", SLURM_GPUS_ON_NODE="4", STUB_RC=str(rc))
-    assert proc.returncode == rc, proc.stderr
+                      STUB_HOSTS="gpu-a01,gpu-a02", SLURM_GPUS_ON_NODE="4",
+                      STUB_RC_NODE0=str(codes[0]), STUB_RC_NODE1=str(codes[1]))
+    assert proc.returncode == job_code, proc.stderr
     assert "--kill-on-bad-exit=0" in calls(stubs, "srun")[0]["argv"]
     cancels = calls(stubs, "scancel")
     if stops_the_others:
         assert cancels and all(c["argv"] == ["--signal=USR1", "77.0"] for c in cancels)
-        assert "failed: stopping the other nodes" in proc.stderr
+        assert f"node 1 failed (exit code {codes[1]}): stopping the other nodes" in proc.stderr
+        assert f"node 1 ({os.uname().nodename}) failed with exit code {codes[1]}" in proc.stderr
     else:
         assert not cancels
+    assert not list((stubs["tmp"] / "out_dir").glob(".virnuc-ds.failed-nodes.*"))
 
 
 def test_slurm_multi_node_one_launcher_per_node_without_ssh(stubs):
@@ -354,6 +368,26 @@ def test_run_launcher_forwards_sigterm_to_the_ranks_only(stubs):
     assert not (stubs["marks"] / "launch0.term").exists()
 
 
+@pytest.mark.parametrize("second, part_finishes", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_run_launcher_a_repeated_sigterm_lets_the_part_finish_a_second_ctrl_c_stops_at_once(stubs, second, part_finishes):
+    code = f"import sys; from virnuc_ds.launcher import run_launcher; sys.exit(run_launcher([{str(stubs['bin'] / 'deepspeed')!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**stubs["env"], "STUB_RANKS": "1", "STUB_PART_IN_FLIGHT": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks = stubs["marks"]
+    wait_for_files([marks / "rank0.started"])
+    proc.send_signal(signal.SIGTERM if second == signal.SIGTERM else signal.SIGINT)
+    wait_for_files([marks / "rank0.term"])  # the rank is finishing its part
+    proc.send_signal(second)
+    if part_finishes:
+        (marks / "release").touch()
+    else:
+        proc.wait(timeout=30)  # killed at once, the part unfinished
+        (marks / "release").touch()
+    _, err = proc.communicate(timeout=30)
+    assert (marks / "rank0.finished").exists() == part_finishes
+    assert proc.returncode == (3 if part_finishes else 128 + signal.SIGKILL), err
+
+
 # ------------------------------------------------------------------------------------------------
 # run --gpus and predict (launcher.py)
 # ------------------------------------------------------------------------------------------------
@@ -411,6 +445,37 @@ def test_no_relaunch_with_one_gpu_none_cpu_or_inside_a_launcher(fake_gpus, monke
     monkeypatch.setenv("RANK", "0")
     assert launcher.maybe_relaunch(run_namespace(gpus="0,1")) is None
     assert started == []
+
+
+def test_master_port_from_the_environment_is_used(fake_gpus, monkeypatch):
+    started = fake_gpus(2)
+    monkeypatch.setenv("MASTER_PORT", "29677")
+    assert launcher.maybe_relaunch(run_namespace()) == 0
+    assert flag(started[0], "--master_port") == "29677"
+
+
+def test_predict_on_cuda_without_a_gpu_is_an_error_not_a_cpu_run(fake_gpus, tmp_path, monkeypatch, capsys):
+    from virnuc_ds.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    fake_gpus(0)
+    assert main(["predict", "s.fa", "-p", "m.pth", "-d", "cuda"]) == 1
+    assert "-d cuda: no CUDA GPU is visible" in capsys.readouterr().err
+    fake_gpus(2)
+    argv, gpus = launcher.predict_run_argv(parse_predict("s.fa", "-p", "m.pth", "-d", "cuda"))
+    assert "--cpu" not in argv and gpus is None  # every visible GPU
+
+
+def test_predict_quiet_prints_warnings_and_errors_only(demo, tmp_path):
+    """--quiet reaches prepare's process and the run's end (and, through the environment, a launcher's ranks)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "VIRNUC_DS_QUIET")}
+    cmd = [sys.executable, "-m", "virnuc_ds", "predict", str(SAMPLE), "-c", str(demo["config"]), "-p", str(demo["classifier"]),
+           "-o", str(tmp_path / "o"), "-d", "cpu", "--quiet", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "prediction_results.txt").exists()
+    noisy = [line for line in proc.stderr.splitlines() if " INFO: " in line or "frames" in line]
+    assert not noisy, noisy[:5]
 
 
 def test_bad_gpu_lists_are_one_line_errors(fake_gpus):

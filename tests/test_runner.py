@@ -130,11 +130,13 @@ def test_merge_reports_missing_frames_with_exit_code_2(demo, one_rank, tmp_path,
     (out / "embeddings.h5").unlink()
     victim = sorted((out / PARTS_DIR).glob("part-*.h5"))[-1]
     with h5py.File(victim) as f:
-        first_id = f["ids"][0].decode()
+        first_id, n_lost = f["ids"][0].decode(), len(f["ids"])
     victim.unlink()
+    assert n_lost > 5
     assert main(["merge", "-o", str(out), "-c", str(demo["config"])]) == 2
     err = capsys.readouterr().err
-    assert "have no embeddings" in err and first_id in err and len(err.strip().splitlines()) == 1
+    assert f"{n_lost} of " in err and "have no embeddings" in err and first_id in err and len(err.strip().splitlines()) == 1
+    assert f" and {n_lost - 5} more)" in err  # five named, the rest counted
     assert not (out / "embeddings.h5").exists()
 
 
@@ -175,6 +177,27 @@ def test_merge_reports_the_runs_own_chunk_length(demo, one_rank, tmp_path, capsy
     cfg.write_text("prepare:\n  expected_length: 300\n")
     assert main(["merge", "-o", str(out), "-c", str(cfg), "-p", str(demo["classifier"])]) == 0
     assert json.loads((out / "run_report.json").read_text())["expected_length"] == 500
+
+
+def test_merge_without_a_classifier_classifies_with_the_runs_own(demo, one_rank, tmp_path, capsys):
+    """`virnuc-ds merge -o OUT` alone must not leave the folder without its predictions."""
+    out = tmp_path / "merged"
+    shutil.copytree(one_rank, out)
+    results = {n: (out / n).read_bytes() for n in ("prediction_results.txt", "prediction_results_highestscore.csv")}
+    assert json.loads((out / "run_report.json").read_text())["classifier"] == str(demo["classifier"])
+    assert main(["merge", "-o", str(out)]) == 0
+    assert results == {n: (out / n).read_bytes() for n in results}
+    moved = tmp_path / "moved.pth"  # the run's classifier gone: an error, and the results stay
+    shutil.copy(demo["classifier"], moved)
+    report = json.loads((out / "run_report.json").read_text())
+    report["classifier"] = str(tmp_path / "gone.pth")
+    (out / "run_report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["merge", "-o", str(out)]) == 1
+    assert "gone.pth: the run's classifier is not there any more; pass -p" in capsys.readouterr().err
+    assert results == {n: (out / n).read_bytes() for n in results}
+    assert main(["merge", "-o", str(out), "-p", str(moved)]) == 0
+    assert results == {n: (out / n).read_bytes() for n in results}
 
 
 def test_missing_model_names_where_it_looked(tmp_path, capsys):

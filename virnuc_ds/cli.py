@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .atomic import ensure_writable_dir
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ArgumentParser, VirnucError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ArgumentParser, VirnucError, ignore_signals_once_decided
 from .version import __version__
 
 log = logging.getLogger("virnuc_ds")
@@ -108,11 +108,15 @@ def _add_pipeline_commands(sub) -> None:
     commands.register(sub)
 
 
+QUIET_ENV = "VIRNUC_DS_QUIET"  # set by `predict --quiet`; inherited by the launcher's ranks and prepare's process
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Log lines carry the global rank, so the interleaved output of many ranks stays readable."""
     rank = os.environ.get("RANK", "0")
+    quiet = os.environ.get(QUIET_ENV) == "1"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format=f"%(asctime)s rank{rank} %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
@@ -123,7 +127,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return reporting_errors(args.func, args)
+    code = reporting_errors(args.func, args)
+    if argv is None:  # the program, not a caller: nothing may change the exit code now
+        ignore_signals_once_decided()
+    return code
 
 
 def reporting_errors(func, args) -> int:

@@ -23,6 +23,14 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def ignore_signals_once_decided() -> None:
+    """A program whose outcome is decided (its exit code is known, every output in place): a repeated
+    SIGTERM or Ctrl-C during the interpreter's ~1 s of teardown would turn exit 3 (or 0) into 143
+    (or 130). Called by the entry points only, never by a library caller."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one short line: its type, and the first line of its message if it has one
     (library errors can run to dozens of lines: a state_dict's every mismatched key)."""

@@ -135,7 +135,7 @@ def launcher_command(gpu_ids: list[str], run_argv: list[str], port: int | None =
     return [
         sys.executable, "-m", "deepspeed.launcher.runner",
         "--include", "localhost:" + ",".join(gpu_ids),
-        "--master_port", str(port or free_port()),
+        "--master_port", str(port or os.environ.get("MASTER_PORT") or free_port()),
         "--module", "virnuc_ds.run", *run_argv,
     ]
 
@@ -168,7 +168,11 @@ def signal_ranks(launcher_pid: int, sig: int = signal.SIGTERM) -> int:
 
 
 def run_launcher(cmd: list[str]) -> int:
-    """Run the launcher command; forward SIGTERM/SIGINT to its ranks; return its exit code."""
+    """Run the launcher command; forward SIGTERM/SIGINT to its ranks; return its exit code.
+
+    The first signal asks the ranks to stop after the part in flight (exit 3). A second Ctrl-C stops
+    everything at once; a repeated SIGTERM (schedulers and `kill` send several) changes nothing, as
+    in a rank."""
     proc = subprocess.Popen(cmd, start_new_session=True)
     signals_seen = []
 
@@ -177,8 +181,8 @@ def run_launcher(cmd: list[str]) -> int:
         if len(signals_seen) == 1:
             n = signal_ranks(proc.pid)
             print(f"virnuc-ds: {signal.Signals(signum).name}: {n} rank(s) stop after the part in flight "
-                  "(exit code 3; rerun to resume); signal again to stop at once", file=sys.stderr)
-        else:
+                  "(exit code 3; rerun to resume); Ctrl-C again to stop at once", file=sys.stderr)
+        elif signum == signal.SIGINT:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -286,7 +290,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain progress log lines instead of the live view")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only")
     compat = p.add_argument_group("accepted for scripts written for the VirNucPro refactor; no effect here")
-    compat.add_argument("-b", "--batch-size", type=int, help="(the classifier takes all frames in one pass)")
+    compat.add_argument("-b", "--batch-size", type=int, help="(the classifier runs on each finished part's frames; batching does not change its results)")
     compat.add_argument("-w", "--num-workers", type=int, help="(no data-loader workers)")
     compat.add_argument("-t", "--threads", type=int, help="(prepare uses prepare.workers of the config: all cores by default)")
     compat.add_argument("-k", "--keep-intermediate", action="store_true", help="(intermediate files are always kept: they are what a rerun resumes from)")
@@ -341,6 +345,8 @@ def predict_run_argv(args) -> tuple[list[str], str | None]:
         gpus = device.removeprefix("cuda:")
     elif device not in ("auto", "cuda"):
         raise VirnucError(f"-d {args.device}: expected auto, cpu, cuda, cuda:N or N")
+    elif device == "cuda" and not gpus and not visible_gpu_ids():
+        raise VirnucError("-d cuda: no CUDA GPU is visible on this machine (-d auto runs on the CPU then)")
     for flag, value in (("--batch-size", args.batch_size), ("--num-workers", args.num_workers), ("--threads", args.threads)):
         if value is not None:
             log.warning("%s is accepted for compatibility and has no effect here", flag)
@@ -354,7 +360,10 @@ def cmd_predict(args) -> int:
     if args.no_progress:
         os.environ["VIRNUC_DS_PROGRESS"] = "plain"  # read by progress.py in every rank
     if args.quiet:
-        logging.getLogger().setLevel(logging.WARNING)
+        from .cli import QUIET_ENV, configure_logging  # noqa: PLC0415
+
+        os.environ[QUIET_ENV] = "1"  # read by every rank's and prepare's logging set-up
+        configure_logging(getattr(args, "verbose", False))
     parser = ArgumentParser(prog="virnuc-ds predict")
     add_run_arguments(parser)
     run_args = parser.parse_args(argv)

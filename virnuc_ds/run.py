@@ -61,7 +61,12 @@ def main(argv=None) -> int:
         code = maybe_relaunch(args, list(argv) if argv is not None else sys.argv[1:])
         return run(args) if code is None else code
 
-    return reporting_errors(relaunch_or_run, args)
+    code = reporting_errors(relaunch_or_run, args)
+    if argv is None:  # the program, not a caller: nothing may change the exit code now
+        from .errors import ignore_signals_once_decided
+
+        ignore_signals_once_decided()
+    return code
 
 
 def exit_rank(code: int) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger("virnuc_ds.merge")
 
 
 def cmd_run(args) -> int:
@@ -30,13 +33,19 @@ def cmd_merge(args) -> int:
         raise InputError(out, f"no {MANIFEST}: not a virnuc-ds run folder")
     facts = json.loads(manifest.read_text())
     cfg = load_config(args.config)
+    report_path = out / "run_report.json"
+    earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
     if args.classifier:
         cfg.models.classifier = str(Path(args.classifier).resolve())
+    elif not cfg.models.classifier and earlier.get("classifier"):
+        # the run's own classifier: without one the merge would leave the folder without predictions
+        cfg.models.classifier = earlier["classifier"]
+        if not Path(cfg.models.classifier).is_file():
+            raise InputError(cfg.models.classifier, "the run's classifier is not there any more; pass -p")
+        log.info("classifying with the run's classifier %s", cfg.models.classifier)
     # the run's own chunk length (the report and plot use it), not the merge config's default
     cfg.prepare.expected_length = facts["facts"].get("expected_length", cfg.prepare.expected_length)
     frame_ids = read_frame_ids(out / PREP_DIR)
-    report_path = out / "run_report.json"
-    earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
     lock = OutputFolderLock(out)  # not while a run works in this folder
     lock.acquire()
     try:
@@ -70,7 +79,7 @@ def register(sub) -> None:
     s = sub.add_parser("merge", help="merge an output folder's rank parts into embeddings.h5, check it, classify")
     s.add_argument("-o", "--output-dir", required=True, help="a run's output folder")
     s.add_argument("-c", "--config", help="run config (for models.classifier and classify.device)")
-    s.add_argument("-p", "--classifier", help="classifier checkpoint (overrides models.classifier)")
+    s.add_argument("-p", "--classifier", help="classifier checkpoint (default: models.classifier of -c, else the run's own)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("make-demo-models", help="write tiny ESM-2, DNABERT-S and classifier models and a demo config")

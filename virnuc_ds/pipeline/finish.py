@@ -80,10 +80,12 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     }
     report["failed_frames"] = len(failed_ids)
     report["expected_length"] = cfg.prepare.expected_length
+    report["classifier"] = cfg.models.classifier  # what `virnuc-ds merge` classifies with when not told
     report["versions"] = versions()
     with atomic_open(out / REPORT) as fh:
         json.dump(report, fh, indent=2)
-    print(summarize(report, out), file=sys.stderr)
+    if log.isEnabledFor(logging.INFO):  # not under `predict --quiet`
+        print(summarize(report, out), file=sys.stderr)
     if failed_ids:
         raise IncompleteError(
             f"{len(failed_ids)} of {len(frame_ids)} frames failed and are missing from the results "

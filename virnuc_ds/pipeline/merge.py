@@ -39,9 +39,11 @@ SETTLE_POLL_SECONDS = 5.0
 PART_VISIBILITY_SECONDS = 90.0
 
 
-def _examples(items, n=5) -> str:
+def _examples(items, total: int | None = None, n: int = 5) -> str:
+    """The first n items, and how many more of `total` (default: all items given) there are."""
     items = list(items)
-    more = f" and {len(items) - n} more" if len(items) > n else ""
+    total = len(items) if total is None else total
+    more = f" and {total - n} more" if total > n else ""
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
@@ -194,12 +196,12 @@ class MergeWriter:
         if len(missing):
             raise IncompleteError(
                 f"{len(missing)} of {n} frames have no embeddings "
-                f"({_examples(self.frame_ids[i] for i in missing[:6]) if self.added else 'no part files'}); "
+                f"({_examples((self.frame_ids[i] for i in missing[:5]), len(missing)) if self.added else 'no part files'}); "
                 "rerun the same command to compute them"
             )
         duplicated = np.flatnonzero(self.filled > 1)
         if len(duplicated):
-            raise IncompleteError(f"{len(duplicated)} frames appear in several parts ({_examples(self.frame_ids[i] for i in duplicated[:6])})")
+            raise IncompleteError(f"{len(duplicated)} frames appear in several parts ({_examples((self.frame_ids[i] for i in duplicated[:5]), len(duplicated))})")
         keep = self.filled > 0
         if not keep.any():
             raise IncompleteError(f"all {n} frames failed; see {self.out / 'failed_files.txt'}")
