@@ -232,4 +232,5 @@ def test_mean_includes_cls_and_sep(folder):
 def test_bf16_on_cpu_is_close_to_fp32(folder, sequences, one_at_a_time):
     out = DnabertSEmbedder(*load_dnabert_s(folder), dtype=torch.bfloat16).embed(sequences)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert cosine(out, one_at_a_time).min() >= 0.999
+    assert cosine(out, one_at_a_time).min() >= 0.9999  # DESIGN's bf16 gate holds on the tiny model too
+    assert ((out - one_at_a_time).norm(dim=1) / one_at_a_time.norm(dim=1)).max() <= 1e-2

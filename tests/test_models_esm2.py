@@ -205,7 +205,8 @@ def test_bf16_on_cpu_is_close_to_fp32(checkpoint, proteins, reference):
     model, alphabet = load_esm2(checkpoint)
     out = Esm2Embedder(model, alphabet, dtype=torch.bfloat16).embed(proteins)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert cosine(out, reference).min() >= 0.999
+    assert cosine(out, reference).min() >= 0.9999  # DESIGN's bf16 gate holds on the tiny model too
+    assert ((out - reference).norm(dim=1) / reference.norm(dim=1)).max() <= 1e-2
 
 
 def test_kernel_inject_uses_the_kernel_encoder_and_ignores_padding_rows(

@@ -38,8 +38,11 @@ def test_kernels_bf16_match_fp32_cpu(gpu_models, tmp_path, attention):
     g, c = read_embeddings(tmp_path / "gpu" / "embeddings.h5"), read_embeddings(tmp_path / "cpu" / "embeddings.h5")
     assert g.ids == c.ids
     assert "bfloat16" in g.attrs["dtype"] and "float32" in c.attrs["dtype"]
-    assert cosine_rows(g.esm2, c.esm2).min() >= 0.9999
-    assert cosine_rows(g.dnabert_s, c.dnabert_s).min() >= 0.9999
+    import numpy as np
+
+    for fast, ref in ((g.esm2, c.esm2), (g.dnabert_s, c.dnabert_s)):  # DESIGN's bf16 gate, per frame
+        assert cosine_rows(fast, ref).min() >= 0.9999
+        assert (np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)).max() <= 1e-2
     labels = lambda p: [r.split("\t")[1] for r in (p / "prediction_results.txt").read_text().splitlines()[1:]]
     agree = sum(a == b for a, b in zip(labels(tmp_path / "gpu"), labels(tmp_path / "cpu"))) / len(g.ids)
     assert agree >= 0.999
