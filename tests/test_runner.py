@@ -364,6 +364,33 @@ def test_esm2_load_waits_for_the_kernel_preload_before_building(demo, monkeypatc
     assert "load_kernels_wait" in steps and width > 0
 
 
+def test_kernels_that_cannot_be_built_fall_back_to_eager_only_when_asked_and_the_report_says_so(demo, monkeypatch):
+    import virnuc_ds.embed.esm2 as esm2_module
+    from virnuc_ds.config import Config
+    from virnuc_ds.errors import VirnucError
+    from virnuc_ds.pipeline import embed_part
+    from virnuc_ds.report import summarize
+
+    real = esm2_module.Esm2Embedder
+
+    def no_kernels(*args, kernel_inject=False, **kwargs):
+        if kernel_inject:
+            raise VirnucError("DeepSpeed's transformer_inference op cannot be built: no nvcc")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(esm2_module, "Esm2Embedder", no_kernels)
+    monkeypatch.setattr(embed_part, "_load_kernel_op", lambda device: None)
+    cfg = Config()
+    with pytest.raises(VirnucError, match="no nvcc"):
+        embed_part._load_esm2_embedder(cfg, demo["esm2"], torch.device("cpu"), torch.float32, True, {})
+    cfg.esm2.fallback_to_eager = True
+    steps = {}
+    embedder, width = embed_part._load_esm2_embedder(cfg, demo["esm2"], torch.device("cpu"), torch.float32, True, steps)
+    assert steps["esm2_fallback_to_eager"] is True and embedder.embed(["MKV"]).shape == (1, width)
+    text = summarize({"ranks": [{"esm2": 1.0}, dict(steps, esm2=1.0)]})
+    assert "ESM-2 ran eager on rank(s) 1" in text
+
+
 def test_a_failing_kernel_preload_is_left_for_the_main_thread(monkeypatch):
     """The preload thread swallows its error: the main thread's own attempt raises and reports it."""
     import virnuc_ds.embed.esm2_kernels as kernels

@@ -145,6 +145,10 @@ def summarize(report: dict, output_dir: str | os.PathLike | None = None) -> str:
             rate = tokens / t["esm2"] if t["esm2"] else 0.0
             lines.append(f"    rank {r}: ESM-2 {rate:,.0f} tokens/s ({tokens:,} tokens in {_seconds(t['esm2'])}), "
                          f"DNABERT-S {_seconds(t.get('dnabert_s'))}, model load {_seconds(t.get('model_load'))}")
+        fell_back = [r for r, t in enumerate(ranks) if (t or {}).get("esm2_fallback_to_eager")]
+        if fell_back:
+            lines.append(f"  ESM-2 ran eager on rank(s) {', '.join(map(str, fell_back))}: DeepSpeed's kernels could "
+                         "not be built there (esm2.fallback_to_eager)")
         truncated = sum(int((t or {}).get("truncated_proteins", 0)) for t in ranks)
         if truncated:
             lines.append(f"  proteins truncated to the ESM-2 limit: {truncated:,}")

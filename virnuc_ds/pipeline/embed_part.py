@@ -219,6 +219,8 @@ def _load_esm2_embedder(cfg, esm2_path, device, esm_dtype, kernel_inject, steps,
         log.warning("DeepSpeed kernels unavailable (%s); esm2.fallback_to_eager is set: running fair-esm eager", exc)
         model, alphabet = load_esm2(esm2_path)  # the failed injection may have altered the weights
         esm = Esm2Embedder(model, alphabet, kernel_inject=False, **settings)
+        # the run report names such ranks: their parts carry the run's (kernels') fingerprint
+        steps["esm2_fallback_to_eager"] = True
     t3 = time.time()
     esm_width = model.embed_dim
     del model  # the embedder holds its own copy of the weights
