@@ -2,6 +2,7 @@
 input found in a block is reported with read_fasta's own message."""
 
 import gzip
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from virnuc_ds.prep.prepare import prepare
 PIECES = st.sampled_from([
     b">", b">r1", b">r2 desc", b"> ", b">a/b:c", b"ACGT", b"acgtn", b"NNNN", b"X", b"\xc3\xa9", b"\xff",
     b"\n", b"\r\n", b"\r", b" ", b"\t", b"\n\n", b"ACGTACGTACGT",
+    b"\x0b", b"\x0c", b"\x1c", b"\xc2\xa0", b"\xef\xbb\xbf",  # other whitespace, a no-break space, a byte-order mark
 ])
 
 
@@ -102,3 +104,26 @@ def test_bad_input_with_blocks_in_flight_never_hangs(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, str(tmp_path / "loop.py")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b">s\nA\tTG GCT\r\n", [("s", "ATGGCT")]),  # Biopython drops space, tab, CR and LF from sequence lines
+    (b"\xef\xbb\xbf>s\nATGGCT\n", [("s", "ATGGCT")]),  # a leading byte-order mark (Windows editors)
+    (b">s\xc3\xa9 d\xc3\xa9sc\nATGGCT\n", [("s\u00e9", "ATGGCT")]),  # UTF-8 ids
+    (b">s\nA\x0bTGGCT\n", "character '\\x0b' at position 2 is not a nucleotide code"),  # the original keeps it
+    (b">s\nA\xc2\xa0TGGCT\n", "character '\\xa0' at position 2 is not a nucleotide code"),
+    (b">s\xff\nATGGCT\n", "header is not UTF-8 text"),
+])
+def test_whitespace_encoding_and_byte_order_marks(tmp_path, data, expected):
+    """Only what Biopython's parser drops is dropped; any other character is refused, never dropped
+    silently (the original would keep it, shifting the reading frame); ids must be UTF-8."""
+    path = tmp_path / "f.fa"
+    path.write_bytes(data)
+    if isinstance(expected, list):
+        assert read_by_general_reader(path) == expected
+        assert read_by_blocks(path, 7) == expected
+    else:
+        with pytest.raises(InputError, match=re.escape(expected)):
+            read_by_general_reader(path)
+        with pytest.raises(BlockRejected):
+            read_by_blocks(path, 7)

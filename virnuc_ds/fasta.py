@@ -28,6 +28,28 @@ from .errors import InputError
 NUCLEOTIDE_CODES = frozenset("ACGTURYSWKMBDHVNacgturyswkmbdhvn")
 _NUCLEOTIDE_BYTES = "".join(sorted(NUCLEOTIDE_CODES)).encode()
 
+# Text is UTF-8 (a leading byte-order mark dropped); bytes that are not UTF-8 become lone surrogates,
+# so a header holding them is refused by name (a sequence holding them fails the nucleotide check).
+ENCODING, DECODE_ERRORS = "utf-8-sig", "surrogateescape"
+
+
+def sequence_letters(line: str) -> str:
+    """A sequence line without the characters Biopython's FASTA parser drops (space, tab, CR, LF).
+    Any other character stays, so a vertical tab or a no-break space is reported, not dropped."""
+    if " " in line or "\t" in line or "\r" in line or "\n" in line:  # the usual line has none: as fast as before
+        return line.replace("\n", "").replace(" ", "").replace("\t", "").replace("\r", "")
+    return line
+
+
+def is_utf8_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte that was not UTF-8
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class FastaRecord:
@@ -49,8 +71,8 @@ def open_binary(path: str | os.PathLike) -> BinaryIO:
 
 
 def open_text(path: str | os.PathLike) -> TextIO:
-    """Open a text file (UTF-8, undecodable bytes replaced, universal newlines), gzip or plain."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="replace", newline=None)
+    """Open a text file (UTF-8, undecodable bytes kept as lone surrogates, universal newlines), gzip or plain."""
+    return io.TextIOWrapper(open_binary(path), encoding=ENCODING, errors=DECODE_ERRORS, newline=None)
 
 
 def read_fasta(
@@ -78,10 +100,12 @@ def read_fasta(
         desc = header
         if not rid:
             raise InputError(path, f"header of record #{count} has no id", record=f"#{count}")
+        if not is_utf8_text(header):
+            raise InputError(path, "header is not UTF-8 text", record=rid)
         if not sequence and not allow_empty_sequence:
             raise InputError(path, "empty sequence", record=rid)
         if check_nucleotides:
-            if sequence.encode("utf-8").translate(None, _NUCLEOTIDE_BYTES):
+            if sequence.encode("utf-8", DECODE_ERRORS).translate(None, _NUCLEOTIDE_BYTES):
                 pos = next(i for i, c in enumerate(sequence) if c not in NUCLEOTIDE_CODES)
                 raise InputError(
                     path, f"character {sequence[pos]!r} at position {pos + 1} is not a nucleotide code", record=rid
@@ -100,7 +124,7 @@ def read_fasta(
                     header = line[1:].strip()
                     parts = []
                     continue
-                stripped = "".join(line.split())
+                stripped = sequence_letters(line)
                 if not stripped:
                     continue
                 if header is None:
@@ -161,7 +185,7 @@ def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tu
     (UTF-8 with replacement, universal newlines, ids the header's first word, whitespace dropped
     from sequences). Raises BlockRejected where read_fasta raises InputError; duplicate ids and an
     empty file are the caller's to check across blocks."""
-    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    text = raw.decode(ENCODING, errors=DECODE_ERRORS).replace("\r\n", "\n").replace("\r", "\n")
     records: list[tuple[str, str]] = []
     rid: str | None = None
     parts: list[str] = []
@@ -170,7 +194,7 @@ def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tu
         sequence = "".join(parts)
         if not sequence:
             raise BlockRejected(f"record {rid!r}: empty sequence")
-        if check_nucleotides and sequence.encode("utf-8").translate(None, _NUCLEOTIDE_BYTES):
+        if check_nucleotides and sequence.encode("utf-8", DECODE_ERRORS).translate(None, _NUCLEOTIDE_BYTES):
             raise BlockRejected(f"record {rid!r}: a character that is not a nucleotide code")
         records.append((rid, sequence))
 
@@ -181,9 +205,11 @@ def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tu
             words = line[1:].split(None, 1)
             if not words:
                 raise BlockRejected("a header without an id")
+            if not is_utf8_text(line):
+                raise BlockRejected("a header that is not UTF-8 text")
             rid, parts = words[0], []
             continue
-        stripped = "".join(line.split())
+        stripped = sequence_letters(line)
         if not stripped:
             continue
         if rid is None:
