@@ -98,7 +98,8 @@ node_main() {
     fi
     if (( ${#own[@]} != GPUS )); then
         echo "virnuc-ds: node $node ($(hostname)) has ${#own[@]} GPU(s) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}), expected $GPUS" >&2
-        return 1
+        node_failed "$node" 1
+        return
     fi
     # slots cover the largest id; every node lists its GPUs, the others' count only
     slots=$GPUS
@@ -130,18 +131,22 @@ node_main() {
     wait_for "$launcher" || status=$?
     rm -f "$hostfile"
     if (( status != 0 && status != 2 && status != 3 )); then
-        # this node failed (1; or a rank killed, e.g. by the host's out-of-memory killer: the launcher
-        # exits 247). Recorded for the job's exit code: the other nodes, stopped, exit 3, and srun
-        # reports the highest code. They stop after the part in flight instead of computing on and
-        # then waiting for this node at the run's end until the collective timeout.
-        mkdir -p "$FAILED_NODES"
-        echo "node $node ($(hostname)) failed with exit code $status" > "$FAILED_NODES/$node"
-        if [[ -n ${SLURM_STEP_ID:-} ]] && command -v scancel > /dev/null; then
-            echo "virnuc-ds: node $node failed (exit code $status): stopping the other nodes" >&2
-            scancel --signal=USR1 "${SLURM_JOB_ID}.${SLURM_STEP_ID}" || true
-        fi
+        node_failed "$node" "$status"   # 1, or a rank killed (e.g. by the host's out-of-memory killer: 247)
+        return
     fi
     return "$status"
+}
+
+# A node failed: stop the other nodes' ranks after their part in flight (instead of computing on and
+# then waiting for this node at the run's end until the collective timeout), and return NODE_FAILED,
+# above the stopped nodes' 3, so srun's highest exit code says "failed". The node is named in the log.
+# shellcheck disable=SC2329  # called by node_main
+node_failed() {
+    echo "virnuc-ds: node $1 ($(hostname)) failed with exit code $2: stopping the other nodes" >&2
+    if [[ -n ${SLURM_STEP_ID:-} ]] && command -v scancel > /dev/null; then
+        scancel --signal=USR1 "${SLURM_JOB_ID}.${SLURM_STEP_ID}" || true
+    fi
+    return "$NODE_FAILED"
 }
 
 read -r -a extra <<< "$EXTRA_ARGS"
@@ -160,10 +165,8 @@ NODE_HOSTS="${hosts[*]}"
 MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
 # this script runs on the first node, where rank 0 will listen
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-# nodes that failed leave a line here (OUTPUT is on a file system every node sees)
-FAILED_NODES="$OUTPUT/.virnuc-ds.failed-nodes.${SLURM_JOB_ID:-0}"
-rm -rf "$FAILED_NODES"
-export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS FAILED_NODES
+NODE_FAILED=4   # a failed node's task exit code (the job then exits 1)
+export NODE_HOSTS MASTER_ADDR MASTER_PORT GPUS PREBUILD_OPS NODE_FAILED
 
 echo "virnuc-ds: job ${SLURM_JOB_ID:-?}: ${#hosts[@]} node(s) (${NODE_HOSTS}) x $GPUS GPU(s), master $MASTER_ADDR:$MASTER_PORT; output $OUTPUT"
 # not --kill-on-bad-exit=1: srun would end the step on any non-zero exit (3 too, a node that stopped on a
@@ -173,14 +176,12 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")   # srun no longer inherits it from sbatch
 fi
 # SLURM runs a copy of this file on the first node only: node_main travels to every node as text.
-srun "${srun_args[@]}" bash -c "$(declare -f signal_ranks wait_for node_main); node_main \"\$@\"" node_main "${run_args[@]}" &
+srun "${srun_args[@]}" bash -c "$(declare -f signal_ranks wait_for node_main node_failed); node_main \"\$@\"" node_main "${run_args[@]}" &
 srun_pid=$!
 trap 'echo "virnuc-ds: SIGTERM: the ranks stop after the part in flight; resubmit to resume" >&2; kill -USR1 "$srun_pid"' TERM
 status=0
 wait_for "$srun_pid" || status=$?
-if [[ -d $FAILED_NODES ]]; then  # a failure, whatever the stopped nodes' exit 3 made of srun's code
-    cat "$FAILED_NODES"/* >&2 2>/dev/null || true
-    rm -rf "$FAILED_NODES"
+if (( status > 3 )); then   # a node failed (NODE_FAILED), whatever the stopped nodes returned
     status=1
 fi
 echo "virnuc-ds: exit code $status"

@@ -85,6 +85,9 @@ if role == "runner":
     record("deepspeed", hostfile=hostfile)
     if os.environ.get("STUB_RANKS") != "1":
         sys.exit(int(os.environ.get(f"STUB_RC_NODE{node}", os.environ.get("STUB_RC", "0"))))
+    if os.environ.get("STUB_SLOW_START") == "1":  # DeepSpeed still importing: no rank for a while
+        open(os.path.join(marks, "launcher.started"), "w").close()
+        time.sleep(60)
     child("deepspeed.launcher.launch")
 elif role == "deepspeed.launcher.launch":
     signal.signal(signal.SIGTERM, lambda *a: open(os.path.join(marks, f"launch{node}.term"), "w").close())
@@ -237,11 +240,10 @@ def test_slurm_multi_node_a_failed_node_stops_the_others(stubs, codes, stops_the
     cancels = calls(stubs, "scancel")
     if stops_the_others:
         assert cancels and all(c["argv"] == ["--signal=USR1", "77.0"] for c in cancels)
-        assert f"node 1 failed (exit code {codes[1]}): stopping the other nodes" in proc.stderr
-        assert f"node 1 ({os.uname().nodename}) failed with exit code {codes[1]}" in proc.stderr
+        assert f"node 1 ({os.uname().nodename}) failed with exit code {codes[1]}: stopping the other nodes" in proc.stderr
     else:
         assert not cancels
-    assert not list((stubs["tmp"] / "out_dir").glob(".virnuc-ds.failed-nodes.*"))
+    assert not (stubs["tmp"] / "out_dir").exists()  # nothing written outside the run's own files
 
 
 def test_slurm_multi_node_one_launcher_per_node_without_ssh(stubs):
@@ -285,6 +287,7 @@ def test_slurm_multi_node_refuses_a_node_with_too_few_gpus(stubs):
                       GPUS="4", CUDA_VISIBLE_DEVICES="0,1", PREBUILD_OPS="0")
     assert proc.returncode == 1
     assert "has 2 GPU(s)" in proc.stderr and not calls(stubs, "deepspeed")
+    assert "failed with exit code 1: stopping the other nodes" in proc.stderr
 
 
 def test_pbs_single_node(stubs):
@@ -366,6 +369,19 @@ def test_run_launcher_forwards_sigterm_to_the_ranks_only(stubs):
     assert proc.returncode == 3, err
     assert "1 rank(s) stop after the part in flight" in err
     assert not (stubs["marks"] / "launch0.term").exists()
+
+
+def test_run_launcher_a_signal_before_any_rank_started_stops_at_once_with_exit_3(stubs):
+    """No rank to tell yet: the launcher is stopped (nothing is in flight), not left to run on."""
+    code = f"import sys; from virnuc_ds.launcher import run_launcher; sys.exit(run_launcher([{str(stubs['bin'] / 'deepspeed')!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**stubs["env"], "STUB_RANKS": "1", "STUB_SLOW_START": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_files([stubs["marks"] / "launcher.started"])  # the runner is there, no rank yet
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert "before any rank started: stopped" in err
+    assert not (stubs["marks"] / "rank0.started").exists()
 
 
 @pytest.mark.parametrize("second, part_finishes", [(signal.SIGTERM, True), (signal.SIGINT, False)])

@@ -200,6 +200,37 @@ def test_merge_without_a_classifier_classifies_with_the_runs_own(demo, one_rank,
     assert results == {n: (out / n).read_bytes() for n in results}
 
 
+def test_the_runs_classifier_is_recorded_absolute_so_merge_finds_it_from_anywhere(demo, tmp_path, monkeypatch):
+    """A classifier named relative to the working folder (not the config's): merge, run elsewhere, finds it."""
+    import yaml
+
+    cfg = yaml.safe_load(demo["config"].read_text())
+    folder = demo["config"].parent
+    cfg["models"] = {"esm2": str(folder / cfg["models"]["esm2"]), "dnabert_s": str(folder / cfg["models"]["dnabert_s"]),
+                     "classifier": demo["classifier"].name}
+    (tmp_path / "cfgdir").mkdir()
+    (tmp_path / "cfgdir" / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    monkeypatch.chdir(folder)
+    assert main(["run", "-c", str(tmp_path / "cfgdir" / "c.yaml"), "-i", str(SAMPLE), "-m", "500", "-o", str(out)]) == 0
+    assert json.loads((out / "run_report.json").read_text())["classifier"] == str(demo["classifier"].resolve())
+    before = (out / "prediction_results.txt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "-o", str(out)]) == 0
+    assert (out / "prediction_results.txt").read_bytes() == before
+
+
+def test_predict_quiet_and_no_progress_are_this_commands_only(demo, tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.delenv("VIRNUC_DS_QUIET", raising=False)
+    monkeypatch.delenv("VIRNUC_DS_PROGRESS", raising=False)
+    assert main(["predict", str(tmp_path / "none.fa"), "-p", str(demo["classifier"]), "-o", str(tmp_path / "o"),
+                 "-d", "cpu", "--quiet", "--no-progress"]) == 1
+    assert "VIRNUC_DS_QUIET" not in os.environ and "VIRNUC_DS_PROGRESS" not in os.environ
+    assert logging.getLogger().getEffectiveLevel() == logging.INFO
+
+
 def test_missing_model_names_where_it_looked(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"models:\n  esm2: {tmp_path / 'esm2_t36_3B_UR50D.pt'}\n")

@@ -20,6 +20,7 @@ and maps them onto `run`. `virnuc-ds build-ops` builds DeepSpeed's inference op 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ArgumentParser, VirnucError, batch_tokens
+from .errors import EXIT_INTERRUPTED, ArgumentParser, VirnucError, batch_tokens
 
 log = logging.getLogger("virnuc_ds.launcher")
 
@@ -172,21 +173,32 @@ def run_launcher(cmd: list[str]) -> int:
 
     The first signal asks the ranks to stop after the part in flight (exit 3). A second Ctrl-C stops
     everything at once; a repeated SIGTERM (schedulers and `kill` send several) changes nothing, as
-    in a rank."""
+    in a rank. A signal that comes before any rank has started stops the launcher at once (no part
+    is in flight), with exit 3 too."""
     proc = subprocess.Popen(cmd, start_new_session=True)
     signals_seen = []
+    stopped_before_ranks = []
+
+    def kill_all() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def forward(signum, _frame):
         signals_seen.append(signum)
         if len(signals_seen) == 1:
             n = signal_ranks(proc.pid)
+            if n == 0:  # still starting: nothing to finish, and a lost signal would let the run go on
+                stopped_before_ranks.append(signum)
+                print(f"virnuc-ds: {signal.Signals(signum).name} before any rank started: stopped "
+                      "(exit code 3; rerun to resume)", file=sys.stderr)
+                kill_all()
+                return
             print(f"virnuc-ds: {signal.Signals(signum).name}: {n} rank(s) stop after the part in flight "
                   "(exit code 3; rerun to resume); Ctrl-C again to stop at once", file=sys.stderr)
         elif signum == signal.SIGINT:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_all()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -194,6 +206,8 @@ def run_launcher(cmd: list[str]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if stopped_before_ranks:
+        return EXIT_INTERRUPTED
     return 128 - rc if rc < 0 else rc
 
 
@@ -353,24 +367,49 @@ def predict_run_argv(args) -> tuple[list[str], str | None]:
     return argv, gpus
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, as it was afterwards (the launcher's ranks inherit it meanwhile)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def cmd_predict(args) -> int:
-    from .run import add_run_arguments, run  # noqa: PLC0415
+    from .cli import QUIET_ENV, configure_logging  # noqa: PLC0415
 
     argv, gpus = predict_run_argv(args)
+    verbose = getattr(args, "verbose", False)
+    settings = {}  # read in every rank (and prepare's process), so passed through the environment
     if args.no_progress:
-        os.environ["VIRNUC_DS_PROGRESS"] = "plain"  # read by progress.py in every rank
+        settings["VIRNUC_DS_PROGRESS"] = "plain"
     if args.quiet:
-        from .cli import QUIET_ENV, configure_logging  # noqa: PLC0415
+        settings[QUIET_ENV] = "1"
+    try:
+        with environment(settings):  # this command's only: an in-process caller's next command is unchanged
+            configure_logging(verbose)
+            return _predict(argv, gpus, verbose)
+    finally:
+        configure_logging(verbose)  # the caller's level again, from the restored environment
 
-        os.environ[QUIET_ENV] = "1"  # read by every rank's and prepare's logging set-up
-        configure_logging(getattr(args, "verbose", False))
+
+def _predict(argv: list[str], gpus: str | None, verbose: bool) -> int:
+    from .run import add_run_arguments, run  # noqa: PLC0415
+
     parser = ArgumentParser(prog="virnuc-ds predict")
     add_run_arguments(parser)
     run_args = parser.parse_args(argv)
     run_args.gpus = gpus
-    run_args.verbose = getattr(args, "verbose", False)
+    run_args.verbose = verbose
     log.info("predict: same as `virnuc-ds run %s%s`", " ".join(argv), f" --gpus {gpus}" if gpus else "")
-    code = maybe_relaunch(run_args, argv + (["--verbose"] if run_args.verbose else []))
+    code = maybe_relaunch(run_args, argv + (["--verbose"] if verbose else []))
     if code is None:
         code = run(run_args)
     return code

@@ -43,6 +43,9 @@ def cmd_merge(args) -> int:
         if not Path(cfg.models.classifier).is_file():
             raise InputError(cfg.models.classifier, "the run's classifier is not there any more; pass -p")
         log.info("classifying with the run's classifier %s", cfg.models.classifier)
+    elif not cfg.models.classifier and (out / "prediction_results.txt").exists():
+        log.warning("no classifier (-p, or models.classifier of -c): the folder's predictions are removed "
+                    "and only embeddings.h5 is written")
     # the run's own chunk length (the report and plot use it), not the merge config's default
     cfg.prepare.expected_length = facts["facts"].get("expected_length", cfg.prepare.expected_length)
     frame_ids = read_frame_ids(out / PREP_DIR)

@@ -80,7 +80,8 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
     }
     report["failed_frames"] = len(failed_ids)
     report["expected_length"] = cfg.prepare.expected_length
-    report["classifier"] = cfg.models.classifier  # what `virnuc-ds merge` classifies with when not told
+    # what `virnuc-ds merge` classifies with when not told (absolute: merge may run from elsewhere)
+    report["classifier"] = str(Path(cfg.models.classifier).resolve()) if cfg.models.classifier else None
     report["versions"] = versions()
     with atomic_open(out / REPORT) as fh:
         json.dump(report, fh, indent=2)
