@@ -112,10 +112,11 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     assert cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.9999
 
 
-def test_two_ranks_on_a_gpu_load_their_models_early_and_match_one_rank(gpu_models, tmp_path):
+@pytest.mark.parametrize("attention", ["deepspeed", "sdpa"])
+def test_two_ranks_on_a_gpu_load_their_models_early_and_match_one_rank(gpu_models, tmp_path, attention):
     """Two ranks (sharing this GPU when it is the only one) started as the deepspeed launcher starts
     them: each builds its kernels in the early-load thread and runs them from the main thread. Same
-    embeddings (bf16 either way: to rounding) and identical labels as one rank."""
+    embeddings (bf16 either way: to rounding) and identical labels as one rank, with either attention."""
     import json
     import os
     import subprocess
@@ -123,6 +124,10 @@ def test_two_ranks_on_a_gpu_load_their_models_early_and_match_one_rank(gpu_model
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load(gpu_models.read_text())
+    cfg["esm2"] = {"attention": attention}
+    gpu_models = tmp_path / f"{attention}.yaml"
+    gpu_models.write_text(yaml.safe_dump(cfg))
     assert main(["run", "-c", str(gpu_models), "-i", str(SAMPLE), "-m", "500", "-o", str(tmp_path / "one")]) == 0
     base = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), WORLD_SIZE="2",
                 LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29781")
@@ -133,6 +138,7 @@ def test_two_ranks_on_a_gpu_load_their_models_early_and_match_one_rank(gpu_model
     assert [p.returncode for p in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     report = json.loads((tmp_path / "two" / "run_report.json").read_text())
     assert all("model_load_wait" in r for r in report["ranks"])
+    assert report["dtypes"]["kernels"] and f"deepspeed-{attention}" in (tmp_path / "two" / "run_manifest.json").read_text()
     a, b = read_embeddings(tmp_path / "one" / "embeddings.h5"), read_embeddings(tmp_path / "two" / "embeddings.h5")
     assert a.ids == b.ids
     assert cosine_rows(a.esm2, b.esm2).min() >= 0.9999 and cosine_rows(a.dnabert_s, b.dnabert_s).min() >= 0.9999
