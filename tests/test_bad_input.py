@@ -34,7 +34,7 @@ def test_bad_fasta(tmp_path, capsys, text, expected):
     assert code == 1
     assert len(err.splitlines()) == 1, err
     assert str(tmp_path / "in.fa") in err and expected in err
-    assert not any(out.glob("*")), "no partial output may be left"
+    assert not out.exists(), "no partial output may be left, nor the folder prepare created"
 
 
 def test_missing_file(tmp_path, capsys):

@@ -156,7 +156,11 @@ def test_bad_input_leaves_no_manifest_so_the_corrected_input_runs(demo, tmp_path
     fasta.write_text(">a\nACGT\n>a\nACGT\n")
     assert run_cli(demo, out, input_path=fasta) == 1
     assert "duplicate record id" in capsys.readouterr().err
-    assert not (out / "run_manifest.json").exists(), "bad input must leave no partial output"
+    assert not out.exists(), "bad input must leave no partial output (not even the folder it created)"
+    out.mkdir()  # a folder the user made: kept, empty but for the lock
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(demo, out, input_path=fasta) == 1
+    assert not (out / "run_manifest.json").exists() and (out / "notes.txt").exists()
     fasta.write_text(">a\n" + "ATG" * 120 + "\n")  # the user fixes the file and reruns the same command
     assert run_cli(demo, out, input_path=fasta) == 0, capsys.readouterr().err
 

@@ -22,8 +22,14 @@ log = logging.getLogger("virnuc_ds")
 def cmd_prepare(args) -> int:
     from .prep.prepare import prepare
 
+    out_is_new = not Path(args.output_dir).exists()
     out = ensure_writable_dir(args.output_dir)
-    stats = prepare(args.input, args.expected_length, out, workers=args.workers)
+    try:
+        stats = prepare(args.input, args.expected_length, out, workers=args.workers)
+    except VirnucError:
+        if out_is_new and not any(out.iterdir()):  # refused input: no folder left behind either
+            out.rmdir()
+        raise
     print(f"{stats.records} records -> {stats.chunks} chunks -> {stats.frames} frames in {out}")
     return 0
 

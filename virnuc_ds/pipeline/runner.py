@@ -41,7 +41,7 @@ from .fingerprint import MANIFEST, check_or_write_manifest, file_digest, run_fin
 from .finish import FAILED_FILES, REPORT, RESULT_FILES, finish_run, merge_attrs
 from .frames_table import read_frames_table
 from .merge import EMBEDDINGS_H5, PART_VISIBILITY_SECONDS, BackgroundMerge
-from .output_lock import OutputFolderLock
+from .output_lock import LOCK_FILE, OutputFolderLock
 from .parts import PARTS_DIR, PartFinisher, part_is_complete
 from .prepare_stage import PrepareInBackground, PrepareProcessLost
 from .shard import assign_parts, plan_parts
@@ -226,8 +226,12 @@ def run(args) -> int:
     timings.update(process_group=time.time() - t0, startup=_seconds_since_process_start())  # interpreter, imports, process group
     progress = merger = finisher = None
     output_lock = OutputFolderLock(args.output_dir)  # taken by rank 0 only
+    out = Path(args.output_dir)
     try:
-        out = Path(args.output_dir)
+        out_is_new = not out.exists()
+    except OSError:  # an unusable name: reported below, in order
+        out_is_new = False
+    try:
         input_path = Path(args.input)
         if not input_path.is_file():
             raise InputError(input_path, "file not found")
@@ -352,6 +356,9 @@ def run(args) -> int:
     except BaseException as exc:
         if getattr(exc, "all_ranks", False):  # e.g. frames failed (exit 2): all ranks are here together
             ctx.close(drain=True)
+        if isinstance(exc, InputError) and out_is_new and ctx.is_main:  # bad input: leave no folder behind
+            output_lock.release()
+            _remove_folder_of_a_refused_run(out)
         raise
     finally:
         if finisher is not None:  # stopped or failed mid-way: keep every part already finished
@@ -365,6 +372,20 @@ def run(args) -> int:
             progress.close()
         output_lock.release()
         ctx.close()
+
+
+def _remove_folder_of_a_refused_run(out: Path) -> None:
+    """The output folder this run created, when the input was refused before anything was written:
+    it holds only the lock file and an empty prep/ then. Anything else in it is left alone."""
+    try:
+        prep = out / PREP_DIR
+        if {p.name for p in out.iterdir()} <= {PREP_DIR, LOCK_FILE} and not (prep.is_dir() and any(prep.iterdir())):
+            if prep.is_dir():
+                prep.rmdir()
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass  # a leftover empty folder is harmless
 
 
 def _test_hooks_after_part(n_done: int, finisher) -> None:
