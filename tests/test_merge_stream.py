@@ -313,3 +313,21 @@ def test_parts_finished_in_the_background_are_complete_once_drained(tmp_path):
     with pytest.raises(OSError):
         finisher.close()
     assert not list((tmp_path / PARTS_DIR).glob(".*.tmp"))
+
+
+def test_an_abandoned_background_merge_removes_its_temporary_file(demo, one_rank, tmp_path):
+    """Rank 0 stops (SIGTERM, Ctrl-C) and abandons the merge process: its temporary embeddings file goes too."""
+    out = _copy_without_results(one_rank, tmp_path / "o")
+    fingerprint = read_part(sorted((out / PARTS_DIR).glob("part-*.h5"))[0])["fingerprint"]
+    import time
+
+    merger = BackgroundMerge(out, out / "prep", fingerprint, {}, str(demo["classifier"]), "cpu", threads=1)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob(".embeddings.h5.*")) and merger.process.is_alive():  # it has begun writing
+            assert time.time() < deadline
+            merger.process.join(0.05)
+    finally:
+        merger.abandon()
+    assert merger.process.exitcode >= 0  # left through Python (its finally blocks ran), not killed by the signal
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".embeddings.h5*"))

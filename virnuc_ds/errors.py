@@ -23,6 +23,15 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def exit_on_sigterm() -> None:
+    """In a helper process its rank stops with SIGTERM (the background merge): leave through Python's
+    exception path, so its `finally` blocks remove its temporary files, instead of dying on the spot."""
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def ignore_signals_once_decided() -> None:
     """A program whose outcome is decided (its exit code is known, every output in place): a repeated
     SIGTERM or Ctrl-C during the interpreter's ~1 s of teardown would turn exit 3 (or 0) into 143

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..atomic import durable_rename, temporary_path
-from ..errors import EXIT_FAILURE, IncompleteError, VirnucError, ignore_interrupts
+from ..errors import EXIT_FAILURE, IncompleteError, VirnucError, exit_on_sigterm, ignore_interrupts
 from ..store.embeddings import EMBEDDING_DATASETS, FORMAT, FORMAT_VERSION, ROWS_PER_CHUNK, UTF8_STRING, finite_rows
 from ..version import __version__
 from .parts import PARTS_DIR, all_failure_lines, failed_ids_of, read_part
@@ -265,6 +265,7 @@ def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, cl
     """Body of the background merge: add parts as they land until rank 0 sends the failed frame
     ids (every rank is done), then a last scan, finish, and the result back."""
     ignore_interrupts()  # rank 0 decides what a Ctrl-C means, and tells this process
+    exit_on_sigterm()  # abandon(): the temporary embeddings file is removed on the way out
     writer = None
     try:
         import torch
@@ -282,7 +283,10 @@ def _merge_process(output_dir, prep_dir, fingerprint, attrs, classifier_path, cl
         failed_ids = writer.add_last_parts(failed_ids, settle_seconds)  # the parts written before rank 0 said stop
         conn.send(("ok", writer.finish(failed_ids)))
     except BaseException as exc:  # noqa: BLE001 - handed to rank 0, which reports it
-        conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))
+        try:
+            conn.send(("error", getattr(exc, "exit_code", EXIT_FAILURE), f"{exc}", type(exc).__name__))
+        except OSError:  # rank 0 is gone or stopped listening (abandon)
+            pass
     finally:
         if writer is not None:
             writer.discard()
