@@ -87,6 +87,15 @@ def atomic_open(final: str | os.PathLike, mode: str = "w", durable: bool = True,
             yield fh
 
 
+def is_absent(folder: str | os.PathLike) -> bool:
+    """Nothing is at `folder` yet (so a run that creates it may remove it again). A name the file
+    system refuses counts as present: ensure_writable_dir reports it."""
+    try:
+        return not Path(folder).exists()
+    except OSError:
+        return False
+
+
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     """Create the folder if needed and prove it writable; InputError (one line) if not."""
     from .errors import InputError

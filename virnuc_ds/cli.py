@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .atomic import ensure_writable_dir
+from .atomic import ensure_writable_dir, is_absent
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ArgumentParser, VirnucError, ignore_signals_once_decided
 from .version import __version__
 
@@ -22,7 +22,7 @@ log = logging.getLogger("virnuc_ds")
 def cmd_prepare(args) -> int:
     from .prep.prepare import prepare
 
-    out_is_new = not Path(args.output_dir).exists()
+    out_is_new = is_absent(args.output_dir)
     out = ensure_writable_dir(args.output_dir)
     try:
         stats = prepare(args.input, args.expected_length, out, workers=args.workers)

@@ -182,8 +182,7 @@ def _last_line_start(buf: bytes) -> int:
 
 def parse_fasta_block(raw: bytes, *, check_nucleotides: bool = False) -> list[tuple[str, str]]:
     """(id, sequence) of the records in a block from record_blocks, as read_fasta reads them
-    (UTF-8 with replacement, universal newlines, ids the header's first word, whitespace dropped
-    from sequences). Raises BlockRejected where read_fasta raises InputError; duplicate ids and an
+    (UTF-8, universal newlines, ids the header's first word, space and tab dropped from sequences). Raises BlockRejected where read_fasta raises InputError; duplicate ids and an
     empty file are the caller's to check across blocks."""
     text = raw.decode(ENCODING, errors=DECODE_ERRORS).replace("\r\n", "\n").replace("\r", "\n")
     records: list[tuple[str, str]] = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import ensure_writable_dir, remove_stale_temporaries
+from ..atomic import ensure_writable_dir, is_absent, remove_stale_temporaries
 from ..config import Config, load_config
 from ..errors import InputError, InterruptedRun, ModelNotFoundError, VirnucError
 from ..launcher import BYTECODE_HINT, missing_bytecode_caches
@@ -227,10 +227,7 @@ def run(args) -> int:
     progress = merger = finisher = None
     output_lock = OutputFolderLock(args.output_dir)  # taken by rank 0 only
     out = Path(args.output_dir)
-    try:
-        out_is_new = not out.exists()
-    except OSError:  # an unusable name: reported below, in order
-        out_is_new = False
+    out_is_new = is_absent(out)
     try:
         input_path = Path(args.input)
         if not input_path.is_file():
