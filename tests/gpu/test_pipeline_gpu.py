@@ -66,10 +66,18 @@ def test_classify_on_cuda_against_golden(tmp_path):
     np.testing.assert_allclose(np.array([r[2:] for r in mine], float), np.array([r[2:] for r in theirs], float), atol=2e-6, rtol=0)
 
 
-def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, capfd):
+def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, capfd, monkeypatch):
     """Measure the GPU memory a run with small batches and one with large batches need, cap this
     process between the two, run the large batches under the cap: the run completes, logs the
-    retries, and equals the small-batch run."""
+    retries, and equals the small-batch run. In this process, on one GPU (`--gpus 0`): on a machine of
+    several, a plain run would start a rank per GPU under the launcher, out of this process's sight."""
+    import os
+
+    # --gpus 0 sets CUDA_VISIBLE_DEVICES in this process: the later tests get it back as it was
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = yaml.safe_load(gpu_models.read_text())
     cfg["esm2"] = {"toks_per_batch": 1 << 22, "replace_with_kernel_inject": False, "dtype": "bf16"}
     cfg["dnabert_s"] = {"toks_per_batch": 1 << 22}
@@ -80,7 +88,7 @@ def test_out_of_memory_on_the_gpu_is_split_and_retried(gpu_models, tmp_path, cap
     records = SAMPLE.read_text().split(">")[1:]
     big = tmp_path / "big.fa"  # the sample 30 times over (new ids): large batches are large
     big.write_text("".join(f">c{k}_{rec}" for k in range(30) for rec in records))
-    args = ["-i", str(big), "-m", "500"]
+    args = ["-i", str(big), "-m", "500", "--gpus", "0"]
 
     def peak_of_run(config: str, out: str) -> int:
         """GPU memory the run's tensors took at most beyond what this process already held (earlier
