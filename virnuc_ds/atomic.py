@@ -96,6 +96,22 @@ def is_absent(folder: str | os.PathLike) -> bool:
         return False
 
 
+def remove_if_left_empty(folder: str | os.PathLike, leftovers: tuple[str, ...] = ()) -> None:
+    """Remove a folder this process created, if it holds nothing but `leftovers` (files, or empty
+    folders); anything else in it keeps it. For a run refused before it wrote anything."""
+    folder = Path(folder)
+    try:
+        for name in leftovers:
+            path = folder / name
+            if path.is_dir():
+                path.rmdir()  # only if empty
+            else:
+                path.unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass  # something else is in it: kept, as it is
+
+
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
     """Create the folder if needed and prove it writable; InputError (one line) if not."""
     from .errors import InputError

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .atomic import ensure_writable_dir, is_absent
+from .atomic import ensure_writable_dir, is_absent, remove_if_left_empty
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ArgumentParser, VirnucError, ignore_signals_once_decided
 from .version import __version__
 
@@ -27,8 +27,8 @@ def cmd_prepare(args) -> int:
     try:
         stats = prepare(args.input, args.expected_length, out, workers=args.workers)
     except VirnucError:
-        if out_is_new and not any(out.iterdir()):  # refused input: no folder left behind either
-            out.rmdir()
+        if out_is_new:  # refused input: no folder left behind either
+            remove_if_left_empty(out)
         raise
     print(f"{stats.records} records -> {stats.chunks} chunks -> {stats.frames} frames in {out}")
     return 0

@@ -19,7 +19,7 @@ def cmd_run(args) -> int:
 
 def cmd_merge(args) -> int:
     from ..errors import InputError
-    from ..pipeline.finish import finish_run
+    from ..pipeline.finish import REPORT, RESULT_FILES, finish_run
     from ..pipeline.merge import EMBEDDINGS_H5
     from ..pipeline.output_lock import OutputFolderLock
     from ..run import PREP_DIR
@@ -33,7 +33,7 @@ def cmd_merge(args) -> int:
         raise InputError(out, f"no {MANIFEST}: not a virnuc-ds run folder")
     facts = json.loads(manifest.read_text())
     cfg = load_config(args.config)
-    report_path = out / "run_report.json"
+    report_path = out / REPORT
     earlier = json.loads(report_path.read_text()) if report_path.exists() else {}
     if args.classifier:
         cfg.models.classifier = str(Path(args.classifier).resolve())
@@ -43,7 +43,7 @@ def cmd_merge(args) -> int:
         if not Path(cfg.models.classifier).is_file():
             raise InputError(cfg.models.classifier, "the run's classifier is not there any more; pass -p")
         log.info("classifying with the run's classifier %s", cfg.models.classifier)
-    elif not cfg.models.classifier and (out / "prediction_results.txt").exists():
+    elif not cfg.models.classifier and any((out / name).exists() for name in RESULT_FILES):
         log.warning("no classifier (-p, or models.classifier of -c): the folder's predictions are removed "
                     "and only embeddings.h5 is written")
     # the run's own chunk length (the report and plot use it), not the merge config's default

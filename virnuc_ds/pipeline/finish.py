@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_open
+from ..classify.predict import HIGHEST_CSV, RESULTS_TXT
 from ..errors import IncompleteError
 from ..report import summarize
 from ..version import __version__
@@ -26,7 +27,7 @@ log = logging.getLogger("virnuc_ds.run")
 
 REPORT = "run_report.json"
 FAILED_FILES = "failed_files.txt"
-RESULT_FILES = ("prediction_results.txt", "prediction_results_highestscore.csv")
+RESULT_FILES = (RESULTS_TXT, HIGHEST_CSV)
 
 
 def collect_failures(out: Path) -> list[str]:
@@ -63,7 +64,7 @@ def finish_run(cfg, out, frame_ids, fingerprint, dtypes, esm2_path, dnabert_path
         failed_ids = failed_ids_of(collect_failures(out))
     merge_s = time.time() - t0  # the wait for the merge after the last part (the whole merge without a background one)
     if cfg.models.classifier:
-        log.info("wrote %s and %s", out / "prediction_results.txt", out / "prediction_results_highestscore.csv")
+        log.info("wrote %s and %s", out / RESULTS_TXT, out / HIGHEST_CSV)
     else:
         log.info("no classifier configured (models.classifier or --classifier): wrote %s only", out / EMBEDDINGS_H5)
     classify_s = merged["classify_busy_seconds"] if cfg.models.classifier else None

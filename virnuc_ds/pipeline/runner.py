@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import ensure_writable_dir, is_absent, remove_stale_temporaries
+from ..atomic import ensure_writable_dir, is_absent, remove_if_left_empty, remove_stale_temporaries
 from ..config import Config, load_config
 from ..errors import InputError, InterruptedRun, ModelNotFoundError, VirnucError
 from ..launcher import BYTECODE_HINT, missing_bytecode_caches
@@ -355,7 +355,7 @@ def run(args) -> int:
             ctx.close(drain=True)
         if isinstance(exc, InputError) and out_is_new and ctx.is_main:  # bad input: leave no folder behind
             output_lock.release()
-            _remove_folder_of_a_refused_run(out)
+            remove_if_left_empty(out, (PREP_DIR, LOCK_FILE))  # prep/ only if empty
         raise
     finally:
         if finisher is not None:  # stopped or failed mid-way: keep every part already finished
@@ -369,20 +369,6 @@ def run(args) -> int:
             progress.close()
         output_lock.release()
         ctx.close()
-
-
-def _remove_folder_of_a_refused_run(out: Path) -> None:
-    """The output folder this run created, when the input was refused before anything was written:
-    it holds only the lock file and an empty prep/ then. Anything else in it is left alone."""
-    try:
-        prep = out / PREP_DIR
-        if {p.name for p in out.iterdir()} <= {PREP_DIR, LOCK_FILE} and not (prep.is_dir() and any(prep.iterdir())):
-            if prep.is_dir():
-                prep.rmdir()
-            (out / LOCK_FILE).unlink(missing_ok=True)
-            out.rmdir()
-    except OSError:
-        pass  # a leftover empty folder is harmless
 
 
 def _test_hooks_after_part(n_done: int, finisher) -> None:
